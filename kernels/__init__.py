@@ -1,0 +1,1 @@
+"""qconv Triton kernels: one file per op (kernels, a PyTorch reference, an autograd Function)."""

@@ -1,0 +1,1 @@
+"""Per-model-family patches that swap in qconv kernels."""

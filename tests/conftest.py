@@ -1,0 +1,40 @@
+"""Shared pytest setup: the `gpu` marker skips without CUDA; tiny checkpoints are built, never fetched."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).parent))  # make tests/tiny_models.py importable
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_factory(tmp_path_factory):
+    """Build (and cache per session) tiny random checkpoints: factory(arch, **overrides) -> Path."""
+    from tiny_models import make_checkpoint
+
+    cache: dict[tuple, Path] = {}
+
+    def factory(arch: str = "llama", **kw) -> Path:
+        key = (arch, tuple(sorted(kw.items())))
+        if key not in cache:
+            cache[key] = make_checkpoint(tmp_path_factory.mktemp(f"src-{arch}"), arch, **kw)
+        return cache[key]
+
+    return factory
