@@ -38,9 +38,11 @@ def main(verbose: int) -> None:
 
 def _register() -> None:
     """Attach each command module's command (one module per command)."""
-    from qconv.converter import cmd_convert
+    from qconv.converter import cmd_convert, cmd_inspect, cmd_verify
 
     main.add_command(cmd_convert.command)
+    main.add_command(cmd_verify.command)
+    main.add_command(cmd_inspect.command)
 
 
 _register()
