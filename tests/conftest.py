@@ -47,3 +47,18 @@ def smollm2_gguf() -> Path:
 
     cache = Path(os.environ.get("QCONV_CACHE") or Path(__file__).resolve().parents[1] / ".cache" / "qconv")
     return default_gguf(cache)
+
+
+@pytest.fixture
+def hub_server(tmp_path, monkeypatch):
+    """A Hub-compatible HTTP server on 127.0.0.1 (tests/hub_server.py), the real huggingface_hub pointed at it.
+
+    Sets HF_ENDPOINT and patches ``huggingface_hub.constants`` (read at import time), disables Xet and offline
+    mode, and isolates the HF cache and token file under ``tmp_path``. Tokens: ``hub_server.WRITE_TOKEN``-style
+    constants in ``hub_server`` (alice write, alice read-only, bob).
+    """
+    from hub_server import HubServer, point_client_at
+
+    with HubServer(tmp_path / "hub-storage") as hub:
+        point_client_at(monkeypatch, hub.url, tmp_path / "hf-home")
+        yield hub
