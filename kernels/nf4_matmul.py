@@ -161,13 +161,15 @@ def _fused_ok(f: dict[str, Any], K: int, M: int) -> bool:
 
 
 def _gemv(x2: torch.Tensor, data: torch.Tensor, f: dict[str, Any], bias: torch.Tensor | None,
-          block_n: int | None = None, step_bytes: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+          block_n: int | None = None, step_bytes: int | None = None, num_warps: int | None = None,
+          out: torch.Tensor | None = None) -> torch.Tensor:
+    """Fused dequantize + GEMV for one row ``x2`` [1, K] into ``out`` [1, N] (allocated when None)."""
     N, K = f["shape"]
     half = f["blocksize"] // 2
     block_n = block_n or (16 if is_interpreter() else GEMV_BLOCK_N)
     step_bytes = step_bytes or (4096 if is_interpreter() else GEMV_STEP_BYTES)
     nb = max(1, min(step_bytes // half, 1 << max(0, (K // f["blocksize"] - 1).bit_length())))
-    y = torch.empty((1, N), dtype=x2.dtype, device=x2.device)
+    y = out if out is not None else torch.empty((1, N), dtype=x2.dtype, device=x2.device)
     absmax, code, nested_code, nested_absmax, offset, nested_bs = _state_pointers(f, x2.device)
     _nf4_gemv_kernel[(triton_cdiv(N, block_n),)](
         x2, data, absmax, code, nested_code, nested_absmax, offset, bias if bias is not None else x2, y, N, K,
@@ -179,12 +181,13 @@ def _gemv(x2: torch.Tensor, data: torch.Tensor, f: dict[str, Any], bias: torch.T
 
 def _fused_dot(x2: torch.Tensor, data: torch.Tensor, f: dict[str, Any], bias: torch.Tensor | None,
                block_m: int = 16, block_n: int = 64, block_k: int = 128, num_warps: int = 4,
-               num_stages: int = 3) -> torch.Tensor:
+               num_stages: int = 3, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Fused dequantize + tl.dot for ``x2`` [M, K] into ``out`` [M, N] (allocated when None)."""
     M, K = x2.shape
     N = f["shape"][0]
     half = f["blocksize"] // 2
     nb = max(1, block_k // f["blocksize"])
-    y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    y = out if out is not None else torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     absmax, code, nested_code, nested_absmax, offset, nested_bs = _state_pointers(f, x2.device)
     grid = (triton_cdiv(M, block_m), triton_cdiv(N, block_n))
     _nf4_dot_kernel[grid](
@@ -209,8 +212,8 @@ def _check(x: torch.Tensor, f: dict[str, Any], bias: torch.Tensor | None) -> Non
     N, K = f["shape"]
     if x.shape[-1] != K:
         raise QconvError(f"matmul_nf4: x has {x.shape[-1]} features, the weight expects {K}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise QconvError(f"matmul_nf4: x must be float32, bfloat16 or float16, got {x.dtype}")
+    if x.dtype not in FLOAT_DTYPES + (torch.float64,):
+        raise QconvError(f"matmul_nf4: x must be float32, bfloat16, float16 or float64, got {x.dtype}")
     if bias is not None and bias.numel() != N:
         raise QconvError(f"matmul_nf4: bias has {bias.numel()} entries, expected {N}")
 
@@ -223,14 +226,21 @@ def _forward(x: torch.Tensor, packed: torch.Tensor, quant_state: Any, bias: torc
     M = math.prod(lead)
     bias_c = bias.to(x.dtype).contiguous() if bias is not None else None
     on_triton = x.device.type == "cuda" or is_interpreter()
-    if on_triton and M >= 1 and _fused_ok(f, K, M):
+    if on_triton and x.dtype != torch.float64 and M >= 1 and _fused_ok(f, K, M):
         data = _packed_bytes(packed, f["numel"])
         x2 = x.reshape(M, K).contiguous()
         y = _gemv(x2, data, f, bias_c) if M == 1 else _fused_dot(x2, data, f, bias_c)
         return y.reshape(*lead, N)
-    w = dequantize_nf4(packed, quant_state, x.dtype)
+    w = _dequantize_for(packed, quant_state, x.dtype)
     y = torch.matmul(x, w.t())
     return y + bias_c if bias_c is not None else y
+
+
+def _dequantize_for(packed: torch.Tensor, quant_state: Any, dtype: torch.dtype) -> torch.Tensor:
+    """W in ``dtype``; float64 (for gradcheck) is the exact upcast of the float32 dequantization."""
+    if dtype == torch.float64:
+        return dequantize_nf4(packed, quant_state, torch.float32).double()
+    return dequantize_nf4(packed, quant_state, dtype)
 
 
 class MatmulNF4Function(torch.autograd.Function):
@@ -247,7 +257,7 @@ class MatmulNF4Function(torch.autograd.Function):
     def backward(ctx, dy):
         dx = dbias = None
         if ctx.needs_input_grad[0]:
-            w = dequantize_nf4(ctx.packed, ctx.quant_state, dy.dtype)
+            w = _dequantize_for(ctx.packed, ctx.quant_state, dy.dtype)
             dx = torch.matmul(dy, w)
         if ctx.bias_needs_grad:
             dbias = dy.reshape(-1, dy.shape[-1]).sum(0).to(ctx.bias_dtype)
@@ -257,7 +267,8 @@ class MatmulNF4Function(torch.autograd.Function):
 def matmul_nf4(x: torch.Tensor, packed: torch.Tensor, quant_state: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The 4-bit Linear forward ``x @ W^T + bias`` (W: dequantized ``[out, in]`` weight), in ``x.dtype``.
 
-    Differentiable in ``x`` and ``bias``; the packed weight is frozen.
+    Differentiable in ``x`` and ``bias``; the packed weight is frozen. ``x`` may be float64 (tests,
+    gradcheck): W is then the float32 dequantization upcast.
     """
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return MatmulNF4Function.apply(x, packed, quant_state, bias)

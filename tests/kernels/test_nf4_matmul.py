@@ -1,0 +1,177 @@
+"""matmul_nf4 (fused GEMV, fused tl.dot, dequantize + matmul) against float64 references and autograd.
+
+On the CPU the Triton kernels run under TRITON_INTERPRET=1 (scripts/test.sh sets it).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+bnb = pytest.importorskip("bitsandbytes")
+bnb_functional = pytest.importorskip("bitsandbytes.functional")
+
+from qconv.errors import QconvError  # noqa: E402
+from qconv.kernels import nf4_dequantize, nf4_matmul  # noqa: E402
+from qconv.kernels.utils import is_interpreter  # noqa: E402
+
+needs_triton = pytest.mark.skipif(
+    not (torch.cuda.is_available() or is_interpreter()),
+    reason="the Triton kernels need CUDA or TRITON_INTERPRET=1 (scripts/test.sh sets it)",
+)
+
+
+def quantize(n_out, n_in, blocksize=64, quant_type="nf4", double_quant=True, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n_out, n_in, generator=g).to(device)
+    return bnb_functional.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=double_quant)
+
+
+def exact_weight(packed, state) -> torch.Tensor:
+    """The dequantized weight in float64 (float32 products, as the format defines them, upcast)."""
+    return nf4_dequantize.dequantize_nf4_reference(packed, state, torch.float32).double()
+
+
+def reference(x, packed, state, bias=None) -> torch.Tensor:
+    y = x.double() @ exact_weight(packed, state).t()
+    return y + bias.double() if bias is not None else y
+
+
+def assert_close_to_reference(y, ref, x, packed, state, rel):
+    """|y - ref| <= rel * (|x| @ |W|^T): the error bound of a dot product, scaled per output."""
+    assert not torch.isnan(y).any()
+    scale = x.double().abs() @ exact_weight(packed, state).abs().t() + 1e-30
+    err = ((y.double() - ref).abs() / scale).max().item()
+    assert err <= rel, f"relative error {err:.3g} > {rel:.3g}"
+
+
+CASES = [
+    # n_out, n_in, blocksize, quant_type, double_quant, leading shape of x
+    (96, 256, 64, "nf4", True, (1,)),  # GEMV
+    (70, 512, 128, "fp4", False, (1, 1)),  # GEMV, N not a multiple of the block of rows
+    (40, 8192, 4096, "nf4", True, ()),  # GEMV, 1-D x, 2 blocks per row
+    (96, 256, 64, "nf4", True, (5,)),  # fused tl.dot
+    (33, 128, 32, "fp4", True, (2, 3)),  # fused tl.dot, 3-D x
+    (48, 200, 64, "nf4", True, (1,)),  # K not a multiple of the blocksize: dequantize + matmul
+    (64, 256, 64, "nf4", False, (20,)),  # many rows: dequantize + matmul
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("n_out,n_in,blocksize,quant_type,double_quant,lead", CASES)
+def test_forward_float32(n_out, n_in, blocksize, quant_type, double_quant, lead, with_bias):
+    packed, state = quantize(n_out, n_in, blocksize, quant_type, double_quant)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(*lead, n_in, generator=g)
+    bias = torch.randn(n_out, generator=g) if with_bias else None
+    y = nf4_matmul.matmul_nf4(x, packed, state, bias)
+    assert y.shape == (*lead, n_out) and y.dtype == torch.float32
+    assert_close_to_reference(y, reference(x, packed, state, bias), x, packed, state, rel=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("path", ["gemv", "dot"])
+def test_fused_kernels_write_every_output(path):
+    packed, state = quantize(80, 256, 64, "nf4", True)
+    f = nf4_dequantize._state_fields(state)
+    data = nf4_dequantize._packed_bytes(packed, f["numel"])
+    rows = 1 if path == "gemv" else 7
+    x = torch.randn(rows, 256)
+    out = torch.full((rows, 80), float("nan"))
+    if path == "gemv":
+        nf4_matmul._gemv(x, data, f, None, block_n=16, out=out)
+    else:
+        nf4_matmul._fused_dot(x, data, f, None, block_m=16, block_n=32, block_k=128, out=out)
+    assert_close_to_reference(out, reference(x, packed, state), x, packed, state, rel=1e-5)
+
+
+@needs_triton
+def test_dispatch_uses_the_fused_kernels(monkeypatch):
+    """One row goes to the GEMV kernel, a few rows to tl.dot, and neither dequantizes the weight."""
+    packed, state = quantize(32, 128, 64, "nf4", True)
+    calls = []
+    monkeypatch.setattr(nf4_matmul, "dequantize_nf4", lambda *a, **k: calls.append("dequantize"))
+    for rows, kernel in [(1, "_gemv"), (4, "_fused_dot")]:
+        original = getattr(nf4_matmul, kernel)
+        monkeypatch.setattr(nf4_matmul, kernel, lambda *a, _o=original, _k=kernel, **k: calls.append(_k) or _o(*a, **k))
+        nf4_matmul.matmul_nf4(torch.randn(rows, 128), packed, state)
+    assert calls == ["_gemv", "_fused_dot"]
+
+
+@needs_triton
+@pytest.mark.parametrize("lead", [(1,), (3, 4), (24,)])
+def test_gradients_match_autograd_on_the_dequantized_weight(lead):
+    packed, state = quantize(48, 128, 64, "nf4", True)
+    w = exact_weight(packed, state).float()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(*lead, 128, generator=g, requires_grad=True)
+    bias = torch.randn(48, generator=g, requires_grad=True)
+    dy = torch.randn(*lead, 48, generator=g)
+    y = nf4_matmul.matmul_nf4(x, packed, state, bias)
+    dx, db = torch.autograd.grad(y, (x, bias), dy)
+    x_ref = x.detach().clone().requires_grad_(True)
+    b_ref = bias.detach().clone().requires_grad_(True)
+    dx_ref, db_ref = torch.autograd.grad(x_ref @ w.t() + b_ref, (x_ref, b_ref), dy)
+    assert not torch.isnan(dx).any()
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(db, db_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gradcheck_float64():
+    packed, state = quantize(12, 64, 32, "fp4", True)
+    x = torch.randn(3, 64, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: nf4_matmul.matmul_nf4(a, packed, state, b), (x, bias))
+
+
+def test_weight_gets_no_gradient():
+    packed, state = quantize(16, 64, 64, "nf4", True)
+    x = torch.randn(2, 64, dtype=torch.float64, requires_grad=True)
+    nf4_matmul.matmul_nf4(x, packed, state).sum().backward()
+    assert x.grad is not None and packed.grad is None
+
+
+def test_bad_inputs_raise_qconv_error():
+    packed, state = quantize(16, 64, 64, "nf4", True)
+    with pytest.raises(QconvError, match="features"):
+        nf4_matmul.matmul_nf4(torch.randn(2, 32), packed, state)
+    with pytest.raises(QconvError, match="bias"):
+        nf4_matmul.matmul_nf4(torch.randn(2, 64), packed, state, torch.randn(5))
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU: compiled kernels in bf16/fp16/fp32, and bitsandbytes' own 4-bit matmul as a second opinion
+# --------------------------------------------------------------------------------------------------
+GPU_REL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 8, 16, 300])
+@pytest.mark.parametrize("shape,blocksize,quant_type", [((4096, 1024), 64, "nf4"), ((1000, 2048), 128, "fp4"),
+                                                         ((512, 8192), 4096, "nf4"), ((300, 1000), 64, "nf4")])
+def test_gpu_forward(dtype, rows, shape, blocksize, quant_type):
+    packed, state = quantize(*shape, blocksize, quant_type, True, device="cuda")
+    x = torch.randn(rows, shape[1], device="cuda").to(dtype)
+    bias = torch.randn(shape[0], device="cuda").to(dtype)
+    y = nf4_matmul.matmul_nf4(x, packed, state, bias)
+    assert y.dtype == dtype
+    assert_close_to_reference(y, reference(x, packed, state, bias), x, packed, state, rel=GPU_REL[dtype])
+    if rows == 1:  # bitsandbytes' GEMV (same math, another accumulation order)
+        y_bnb = bnb.matmul_4bit(x, packed.t(), state, bias=bias)
+        assert_close_to_reference(y_bnb, reference(x, packed, state, bias), x, packed, state, rel=GPU_REL[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_gradients(dtype):
+    packed, state = quantize(2048, 1024, 64, "nf4", True, device="cuda")
+    w = exact_weight(packed, state)
+    x = torch.randn(4, 64, 1024, device="cuda").to(dtype).requires_grad_(True)
+    dy = torch.randn(4, 64, 2048, device="cuda").to(dtype)
+    (dx,) = torch.autograd.grad(nf4_matmul.matmul_nf4(x, packed, state), (x,), dy)
+    dx_ref = dy.double() @ w
+    scale = dy.double().abs() @ w.abs()
+    assert not torch.isnan(dx).any()
+    assert ((dx.double() - dx_ref).abs() / scale).max().item() <= GPU_REL[dtype]
