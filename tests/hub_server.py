@@ -123,7 +123,7 @@ class HubServer:
         self._httpd.daemon_threads = True
         self._httpd.hub = self  # type: ignore[attr-defined]
         self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="hub-server", daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="hub-server", daemon=True)
         self._thread.start()
 
     # ---------------------------------------------------------------- test helpers
