@@ -1,0 +1,289 @@
+"""Streaming reader for a source checkpoint: one tensor at a time, never the whole model in memory.
+
+safetensors files are validated with ``safetensors.safe_open`` (header, offsets, file size) and then read
+with plain positioned reads into reusable buffers, not through a memory map: mapped pages of a large shard
+would stay resident (and count in RSS) until the file is closed. ``.bin`` files are read with
+``torch.load(weights_only=True, mmap=True)``, one file at a time. Index files (``*.index.json``) are
+validated and every shard path goes through :func:`qconv.format.safe_join`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Mapping
+
+import torch
+
+from qconv.errors import QconvError
+from qconv.format import safe_join
+
+logger = logging.getLogger(__name__)
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"),
+                     ("U32", "uint32"), ("U64", "uint64")):
+    if hasattr(torch, _attr):
+        _ST_DTYPES[_name] = getattr(torch, _attr)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one source tensor lives and what it is, known without reading its data."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path | None  # None for in-memory tensors (GGUF)
+    offset: int = 0  # absolute byte offset of the data in ``file`` (safetensors only)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+class Checkpoint:
+    """The tensors of a checkpoint: ``infos`` (name -> TensorInfo, in efficient read order) and ``read``."""
+
+    def __init__(self, infos: dict[str, TensorInfo], kind: str, files: list[Path],
+                 memory: Mapping[str, torch.Tensor] | None = None):
+        self.infos = infos
+        self.kind = kind  # "safetensors" | "bin" | "memory"
+        self.files = files
+        self._memory = memory
+        self._bin_cache: tuple[Path, dict[str, torch.Tensor]] | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(i.nbytes for i in self.infos.values())
+
+    def read(self, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Return tensor ``name`` on the CPU. ``buffer`` (uint8, large enough) is reused for safetensors data."""
+        info = self.infos.get(name)
+        if info is None:
+            raise QconvError(f"tensor {name!r} is not in the checkpoint")
+        if self.kind == "memory":
+            return self._memory[name]
+        if self.kind == "bin":
+            return self._read_bin(info)
+        return _read_safetensors(info, buffer)
+
+    def _read_bin(self, info: TensorInfo) -> torch.Tensor:
+        with self._lock:
+            if self._bin_cache is None or self._bin_cache[0] != info.file:
+                self._bin_cache = None  # drop the previous file's mapping first
+                self._bin_cache = (info.file, _load_bin(info.file))
+            return self._bin_cache[1][info.name]
+
+    def close(self) -> None:
+        self._bin_cache = None
+        self._memory = None
+
+
+def open_checkpoint(directory: Path) -> Checkpoint:
+    """Find and validate the weights in ``directory`` (safetensors preferred, then ``.bin``)."""
+    directory = Path(directory)
+    if (directory / SAFETENSORS_INDEX).is_file():
+        return _open_safetensors(directory, _index_files(directory, SAFETENSORS_INDEX))
+    if (directory / SAFETENSORS_SINGLE).is_file():
+        return _open_safetensors(directory, {directory / SAFETENSORS_SINGLE: None})
+    if (directory / BIN_INDEX).is_file():
+        return _open_bin(_index_files(directory, BIN_INDEX))
+    if (directory / BIN_SINGLE).is_file():
+        return _open_bin({directory / BIN_SINGLE: None})
+    raise QconvError(
+        f"{directory}: no weights found (looked for {SAFETENSORS_INDEX}, {SAFETENSORS_SINGLE}, {BIN_INDEX}, {BIN_SINGLE})"
+    )
+
+
+def memory_checkpoint(tensors: Mapping[str, torch.Tensor]) -> Checkpoint:
+    """A checkpoint over tensors already in memory (the GGUF path)."""
+    infos = {k: TensorInfo(k, v.dtype, tuple(v.shape), None) for k, v in tensors.items()}
+    return Checkpoint(infos, "memory", [], memory=dict(tensors))
+
+
+def _index_files(directory: Path, index_name: str) -> dict[Path, set[str]]:
+    """Shard path -> names the index puts there; every path checked to exist inside ``directory``."""
+    index_path = directory / index_name
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise QconvError(f"{index_path}: not a readable JSON index ({exc})") from exc
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise QconvError(f"{index_path}: no 'weight_map' object in the index")
+    files: dict[Path, set[str]] = {}
+    for name, rel in weight_map.items():
+        if not isinstance(rel, str):
+            raise QconvError(f"{index_path}: weight_map[{name!r}] is not a file name")
+        path = safe_join(directory, rel)
+        if not path.is_file():
+            raise QconvError(f"{index_path}: shard {rel!r} (for {name!r}) does not exist")
+        files.setdefault(path, set()).add(name)
+    return files
+
+
+def _open_safetensors(directory: Path, files: dict[Path, set[str] | None]) -> Checkpoint:
+    infos: dict[str, TensorInfo] = {}
+    for path, expected in files.items():
+        header = _validated_header(path)
+        data_start = 8 + header.pop("__header_len__")
+        header.pop("__metadata__", None)
+        if expected is not None and (missing := sorted(expected - header.keys())):
+            raise QconvError(f"{path}: the index lists tensors this shard lacks: {', '.join(missing[:5])}")
+        wanted = header.keys() if expected is None else expected
+        entries = sorted(((header[k]["data_offsets"][0], k) for k in wanted))
+        for start, name in entries:
+            spec = header[name]
+            dtype = _ST_DTYPES.get(spec["dtype"])
+            if dtype is None:
+                raise QconvError(f"{path}: tensor {name!r} has unsupported dtype {spec['dtype']}")
+            if name in infos:
+                raise QconvError(f"{path}: tensor {name!r} appears in more than one shard")
+            infos[name] = TensorInfo(name, dtype, tuple(spec["shape"]), path, data_start + start)
+    return Checkpoint(infos, "safetensors", list(files))
+
+
+def _validated_header(path: Path) -> dict:
+    """The parsed JSON header of a safetensors file, after safetensors itself validated the file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except Exception as exc:  # SafetensorError for bad headers, truncated data, wrong sizes
+        raise QconvError(f"{path}: corrupt or truncated safetensors file ({_one_line(exc)})") from exc
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    header["__header_len__"] = n
+    return header
+
+
+def _read_safetensors(info: TensorInfo, buffer: torch.Tensor | None) -> torch.Tensor:
+    nbytes = info.nbytes
+    if buffer is None or buffer.numel() < nbytes:
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+    view = buffer[:nbytes]
+    if nbytes:
+        mv = memoryview(view.numpy())
+        with open(info.file, "rb", buffering=0) as f:
+            got = 0
+            while got < nbytes:  # preadv may return short counts for very large reads
+                n = os.preadv(f.fileno(), [mv[got:]], info.offset + got)
+                if n <= 0:
+                    raise QconvError(f"{info.file}: unexpected end of file reading {info.name!r}")
+                got += n
+    return view.view(info.dtype).reshape(info.shape)
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:  # legacy (non-zip) files cannot be memory-mapped
+            if "mmap" not in str(exc):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise QconvError(f"{path}: not a loadable PyTorch weights file ({_one_line(exc)})") from exc
+    if not isinstance(state, dict):
+        raise QconvError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
+    return state
+
+
+def _open_bin(files: dict[Path, set[str] | None]) -> Checkpoint:
+    infos: dict[str, TensorInfo] = {}
+    for path, expected in files.items():
+        state = _load_bin(path)
+        tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        if expected is not None and (missing := sorted(expected - tensors.keys())):
+            raise QconvError(f"{path}: the index lists tensors this file lacks: {', '.join(missing[:5])}")
+        for name in (tensors if expected is None else sorted(expected)):
+            t = tensors[name]
+            infos[name] = TensorInfo(name, t.dtype, tuple(t.shape), path)
+        del state, tensors
+    return Checkpoint(infos, "bin", list(files))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------------------------------
+# Prefetching: a reader thread stays one or two tensors ahead of the quantize step
+# --------------------------------------------------------------------------------------------------
+class _Slot:
+    def __init__(self, pin: bool):
+        self.pin = pin
+        self.buffer: torch.Tensor | None = None
+
+    def ensure(self, nbytes: int) -> torch.Tensor:
+        if self.buffer is None or self.buffer.numel() < nbytes:
+            self.buffer = None
+            self.buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self.pin)
+        return self.buffer
+
+
+def prefetch(checkpoint: Checkpoint, names: list[str], *, depth: int = 2,
+             pin_memory: bool = False) -> Iterator[tuple[str, torch.Tensor, Callable[[], None]]]:
+    """Yield ``(name, tensor, release)`` in order while a thread reads ahead into ``depth + 1`` reused buffers.
+
+    The tensor may live in a reused buffer: call ``release()`` once nothing refers to it any more.
+    An exception in the reader thread is re-raised here.
+    """
+    free: queue.Queue[_Slot] = queue.Queue()
+    for _ in range(depth + 1):
+        free.put(_Slot(pin_memory))
+    ready: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def reader() -> None:
+        try:
+            for name in names:
+                slot = free.get()
+                if stop.is_set():
+                    return
+                info = checkpoint.infos[name]
+                buffer = slot.ensure(info.nbytes) if checkpoint.kind == "safetensors" else None
+                ready.put((name, checkpoint.read(name, buffer), slot))
+        except BaseException as exc:  # handed to the consumer
+            ready.put(exc)
+
+    thread = threading.Thread(target=reader, name="qconv-reader", daemon=True)
+    thread.start()
+    try:
+        for _ in names:
+            item = ready.get()
+            if isinstance(item, BaseException):
+                raise item
+            name, tensor, slot = item
+            yield name, tensor, (lambda s=slot: free.put(s))
+    finally:
+        stop.set()
+        for _ in range(depth + 1):
+            free.put(_Slot(False))  # unblock the reader if it waits for a slot
+        thread.join(timeout=60)

@@ -1,0 +1,87 @@
+"""The streaming tensor loop: read (prefetch thread) -> transform -> cast / quantize -> shard writer (thread).
+
+Only a few tensors are alive at a time: the ones the reader has prefetched (``depth + 1`` reused buffers),
+the one being quantized, and the output shards (one filling, one being written).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from qconv.converter.checkpoint import Checkpoint, prefetch
+from qconv.converter.plan import DROP, QUANTIZE, Plan
+from qconv.converter.quantize import Quantizer
+from qconv.converter.shard_writer import ShardWriter
+from qconv.format import QuantSettings
+
+logger = logging.getLogger(__name__)
+
+
+def write_tensors(
+    checkpoint: Checkpoint,
+    plan: Plan,
+    transforms: dict[str, Callable[[torch.Tensor], torch.Tensor]],
+    settings: QuantSettings,
+    device: torch.device,
+    out_dir: Path,
+    max_shard_bytes: int,
+    *,
+    progress: bool = True,
+    prefetch_depth: int = 2,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Write every planned tensor into shards in ``out_dir``; return (stats, {file name: sha256})."""
+    from tqdm.auto import tqdm
+
+    todo = [t for t in plan.tensors if t.action != DROP]
+    by_name = {t.source_name: t for t in todo}
+    source_bytes = sum(checkpoint.infos[t.source_name].nbytes for t in todo)
+    quantizer = Quantizer(settings, device)
+    writer = ShardWriter(out_dir, max_shard_bytes)
+    params = quantized = kept = 0
+    bar = tqdm(total=source_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="qconv convert",
+               disable=not progress, leave=False)
+    reads = prefetch(checkpoint, [t.source_name for t in todo], depth=prefetch_depth,
+                     pin_memory=device.type == "cuda")
+    try:
+        for name, tensor, release in reads:
+            step = by_name[name]
+            transform = transforms.get(name) or transforms.get(step.out_name)
+            if transform is not None:
+                tensor = transform(tensor)
+            params += tensor.numel()
+            if step.action == QUANTIZE:
+                group = quantizer.quantize(step.out_name, quantizer.to_device(tensor, step.dtype))
+                quantized += 1
+            else:  # a copy: the source tensor may live in a reused read buffer
+                group = {step.out_name: tensor.to(step.dtype, copy=True)}
+                kept += 1
+            del tensor
+            release()
+            writer.add(group)
+            del group
+            bar.update(checkpoint.infos[name].nbytes)
+            bar.set_postfix_str(f"{quantized + kept}/{len(todo)} tensors", refresh=False)
+        written = writer.finish(total_parameters=params)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        reads.close()
+        bar.close()
+    stats = {
+        "params": params,
+        "source_bytes": source_bytes,
+        "output_bytes": written.total_size,
+        "bits_per_param": round(8 * written.total_size / max(params, 1), 4),
+        "quantized_tensors": quantized,
+        "kept_tensors": kept,
+        "dropped_tensors": len(plan.tensors) - len(todo),
+        "shards": written.shard_count,
+        "device": str(device),
+        "model_class": plan.model_class,
+    }
+    return stats, dict(written.files)

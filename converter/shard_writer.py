@@ -1,0 +1,165 @@
+"""Write output tensors into safetensors shards as they fill, on a background thread, then name and index them.
+
+Tensors arrive in groups (a quantized weight and its quant-state tensors stay together in one shard).
+When the next group would push the open shard past ``max_shard_bytes`` the shard is handed to a writer
+thread (``safetensors.torch.save_file``, which releases the GIL) and a new one starts; while one shard is
+being written the next one fills, so host memory holds about two shards. Each written file is hashed (sha256) on a
+small thread pool. Shards get temporary names while the total is unknown; :meth:`ShardWriter.finish`
+renames them to ``model-0000i-of-0000n.safetensors`` (or ``model.safetensors``) and writes the index.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import re
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from qconv.errors import QconvError
+from qconv.format import INDEX_NAME, SAFETENSORS_METADATA, sha256_file, shard_name
+
+logger = logging.getLogger(__name__)
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: str | int) -> int:
+    """``"5GB"`` -> 5_000_000_000 (KB/MB/GB decimal, KiB/MiB/GiB binary, plain integers are bytes)."""
+    if isinstance(size, int):
+        value = size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(size), flags=re.IGNORECASE)
+        if not m:
+            raise QconvError(f"--max-shard-size: cannot parse {size!r} (examples: 5GB, 500MB, 2GiB)")
+        value = int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+    if value <= 0:
+        raise QconvError(f"--max-shard-size: must be positive, got {size!r}")
+    return value
+
+
+@dataclass
+class WrittenShards:
+    """What :meth:`ShardWriter.finish` produced."""
+
+    files: dict[str, str]  # file name -> sha256 (shards and index)
+    weight_map: dict[str, str]  # tensor name -> shard file name
+    total_size: int  # bytes of tensor data
+    shard_count: int
+
+
+@dataclass
+class _Shard:
+    number: int
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    nbytes: int = 0
+
+    @property
+    def temp_name(self) -> str:
+        return f"shard-{self.number:05d}.safetensors.partial"
+
+
+class ShardWriter:
+    """Collects tensors into shards of at most ``max_shard_bytes`` and writes them in the background."""
+
+    def __init__(self, directory: Path, max_shard_bytes: int):
+        self.directory = Path(directory)
+        self.max_shard_bytes = max_shard_bytes
+        self._open = _Shard(1)
+        self._written: list[_Shard] = []
+        self._weight_map: dict[str, int] = {}
+        self._total = 0
+        self._queue: queue.Queue = queue.Queue()
+        self._in_flight = threading.Semaphore(1)  # one shard being written while the next one fills
+        self._error: BaseException | None = None
+        self._hash_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qconv-sha256")
+        self._hashes: dict[int, Future] = {}
+        self._thread = threading.Thread(target=self._run, name="qconv-writer", daemon=True)
+        self._thread.start()
+
+    # -- producer side -------------------------------------------------------------------------------
+    def add(self, group: dict[str, torch.Tensor]) -> None:
+        """Add tensors that belong together (kept in one shard); may hand the open shard to the writer."""
+        self._raise_if_failed()
+        size = sum(t.numel() * t.element_size() for t in group.values())
+        if self._open.tensors and self._open.nbytes + size > self.max_shard_bytes:
+            self._flush()
+        for name, tensor in group.items():
+            if name in self._weight_map:
+                raise QconvError(f"internal error: tensor {name!r} written twice")
+            self._open.tensors[name] = tensor if tensor.is_contiguous() else tensor.contiguous()
+            self._weight_map[name] = self._open.number
+        self._open.nbytes += size
+        self._total += size
+
+    def _flush(self) -> None:
+        shard, self._open = self._open, _Shard(self._open.number + 1)
+        self._written.append(shard)
+        while not self._in_flight.acquire(timeout=0.5):  # notice a failed writer instead of blocking forever
+            self._raise_if_failed()
+        self._raise_if_failed()
+        self._queue.put(shard)
+
+    def finish(self, total_parameters: int | None = None) -> WrittenShards:
+        """Write the last shard, wait for all writes and hashes, name the files, and write the index."""
+        if self._open.tensors or not self._written:
+            self._flush()
+        self._queue.put(None)
+        self._thread.join()
+        self._raise_if_failed()
+        total = len(self._written)
+        files: dict[str, str] = {}
+        for shard in self._written:
+            final = shard_name(shard.number, total)
+            (self.directory / shard.temp_name).rename(self.directory / final)
+            files[final] = self._hashes[shard.number].result()
+        self._hash_pool.shutdown(wait=True)
+        weight_map = {k: shard_name(n, total) for k, n in sorted(self._weight_map.items())}
+        if total > 1:
+            metadata = {"total_size": self._total}
+            if total_parameters is not None:
+                metadata["total_parameters"] = total_parameters
+            index = {"metadata": metadata, "weight_map": weight_map}
+            path = self.directory / INDEX_NAME
+            path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            files[INDEX_NAME] = sha256_file(path)
+        return WrittenShards(files=files, weight_map=weight_map, total_size=self._total, shard_count=total)
+
+    def abort(self) -> None:
+        """Stop the writer thread (after an error elsewhere); files left behind belong to the temp dir."""
+        self._error = self._error or QconvError("aborted")
+        self._queue.put(None)
+        self._thread.join(timeout=60)
+        self._hash_pool.shutdown(wait=False, cancel_futures=True)
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            if isinstance(self._error, QconvError):
+                raise self._error
+            raise QconvError(f"{self.directory}: writing a shard failed ({self._error})") from self._error
+
+    # -- writer thread -------------------------------------------------------------------------------
+    def _run(self) -> None:
+        from safetensors.torch import save_file
+
+        while True:
+            shard = self._queue.get()
+            if shard is None or self._error is not None:
+                return
+            path = self.directory / shard.temp_name
+            try:
+                save_file(shard.tensors, str(path), metadata=dict(SAFETENSORS_METADATA))
+                logger.debug("wrote %s (%d tensors, %.1f MB)", path.name, len(shard.tensors), shard.nbytes / 1e6)
+                shard.tensors = {}  # free the memory now
+                self._hashes[shard.number] = self._hash_pool.submit(sha256_file, path)
+            except BaseException as exc:  # reported to the producer on its next call
+                self._error = exc
+                return
+            finally:
+                self._in_flight.release()
