@@ -241,6 +241,10 @@ def plan_tokenizer_fixes(
         _plan_embedding(plan, tokenizer, emb, special, target_rows, new_pad_id, fix, fix_untrained)
     if fix and target_rows > rows:
         plan.config_updates["vocab_size"] = target_rows
+    for record in plan.fixes:  # name the tensors whose rows a pad token or the growth changed (verify reads it)
+        if record.applied and record.kind in ("pad_token", "added_tokens_out_of_range") and isinstance(record.after, dict):
+            if record.kind == "added_tokens_out_of_range" or record.after.get("added"):
+                record.after["tensors"] = sorted(plan.tensor_transforms)
     return plan
 
 

@@ -111,7 +111,8 @@ def test_new_pad_token_grows_embeddings_by_one_mean_row(tmp_path):
     tensors = tensors_for(rows)
     plan = plan_tokenizer_fixes(src, config_for(rows, bos_token_id=0, eos_token_id=1), reader(tensors))
     fix = kinds(plan)["pad_token"]
-    assert fix.after == {"pad_token": "<|pad|>", "pad_token_id": rows, "added": True}
+    assert fix.after == {"pad_token": "<|pad|>", "pad_token_id": rows, "added": True,
+                         "tensors": ["lm_head.weight", "model.embed_tokens.weight"]}
     assert plan.config_updates == {"pad_token_id": rows, "vocab_size": rows + 1}
     assert set(plan.tensor_transforms) == {"model.embed_tokens.weight", "lm_head.weight"}
     for name, t in tensors.items():
@@ -155,7 +156,7 @@ def test_pad_id_and_added_tokens_beyond_embedding_rows(tmp_path):
     plan = plan_tokenizer_fixes(src, config_for(rows), reader(tensors))
     found = kinds(plan)
     assert found["added_tokens_out_of_range"].before == {"rows": rows, "ids": [rows, rows + 1], "tokens": ["<tool>", "<pad>"]}
-    assert found["added_tokens_out_of_range"].after == {"rows": rows + 2}
+    assert found["added_tokens_out_of_range"].after == {"rows": rows + 2, "tensors": ["lm_head.weight", "model.embed_tokens.weight"]}
     assert "outside" in found["pad_token"].detail and found["pad_token"].after["pad_token"] == "<unk>"
     assert plan.config_updates["vocab_size"] == rows + 2
     assert plan.tensor_transforms["lm_head.weight"](tensors["lm_head.weight"]).shape == (rows + 2, HIDDEN)
