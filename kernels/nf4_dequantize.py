@@ -8,8 +8,9 @@ All arithmetic is float32 and in the same order as bitsandbytes, so float32 outp
 
 Layout of the Triton kernel: one program dequantizes ``ROWS`` whole quantization blocks, i.e. a
 contiguous span of ``ROWS * blocksize / 2`` packed bytes, as a ``[ROWS, blocksize/2]`` tile; the block's
-absmax (and its nested dequantization) is computed once per row, the 16-entry code table is gathered
-from a cached 64-byte table, and the two nibbles are interleaved into one contiguous store.
+absmax (and its nested dequantization) is computed once per row; each byte's two values come from one
+8-byte gather in a cached 256-entry table of (high, low) pairs (or two gathers from the 16-entry code),
+and the row is written with one contiguous store.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 #: Default launch parameters, chosen on an H100 (docs/benchmarks.md): packed bytes per program, warps.
 DEFAULT_BYTES_PER_PROGRAM = 8192
 DEFAULT_NUM_WARPS = 8
+#: Look values up per byte in a 256-entry (high, low) table instead of per nibble in the 16-entry code.
+DEFAULT_PAIR_TABLE = True
 #: Under the interpreter every program instance costs ~2.5 ms: use few, large ones.
 INTERPRETER_BYTES_PER_PROGRAM = 32768
 
@@ -131,7 +134,7 @@ if HAS_TRITON:
         packed_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, out_ptr,
         n_bytes, n_elements, n_blocks,
         HALF_BS: tl.constexpr, ROWS: tl.constexpr, NESTED: tl.constexpr, NESTED_BS: tl.constexpr,
-        INT64: tl.constexpr,
+        INT64: tl.constexpr, PAIR: tl.constexpr,
     ):
         pid = tl.program_id(0)
         if INT64:
@@ -147,46 +150,67 @@ if HAS_TRITON:
             absmax = scale + tl.load(offset_ptr)
         else:
             absmax = tl.load(absmax_ptr + rows, mask=row_ok, other=0)
-        hi = tl.load(code_ptr + (q >> 4)) * absmax[:, None]
-        lo = tl.load(code_ptr + (q & 15)) * absmax[:, None]
-        values = tl.interleave(hi, lo)  # [ROWS, 2 * HALF_BS], element order of the flat weight
+        if PAIR:  # one 8-byte gather per byte from the 256-entry table of (high, low) values
+            pair = tl.load(code_ptr + q[:, :, None].to(tl.int32) * 2 + tl.arange(0, 2)[None, None, :])
+            values = tl.reshape(pair * absmax[:, None, None], (ROWS, 2 * HALF_BS))
+        else:  # two 4-byte gathers per byte from the 16-entry code table
+            hi = tl.load(code_ptr + (q >> 4)) * absmax[:, None]
+            lo = tl.load(code_ptr + (q & 15)) * absmax[:, None]
+            values = tl.interleave(hi, lo)  # [ROWS, 2 * HALF_BS], element order of the flat weight
         out_idx = rows[:, None] * (2 * HALF_BS) + tl.arange(0, 2 * HALF_BS)[None, :]
         tl.store(out_ptr + out_idx, values.to(out_ptr.dtype.element_ty), mask=out_idx < n_elements)
 
 
+def state_tensors(quant_state: Any, f: dict[str, Any], device: torch.device, pair: bool) -> tuple:
+    """Kernel arguments ``(absmax, table, nested_code, nested_absmax, offset, nested_blocksize)`` on ``device``.
+
+    ``table`` is the 16-entry code, or with ``pair`` the ``[256, 2]`` table of (high, low) nibble values
+    per byte, built once and cached on the quant state (per device and code tensor).
+    """
+    absmax = f["absmax"]
+    if pair:
+        key = (str(device), f["code"].data_ptr(), f["code"]._version)
+        cache = getattr(quant_state, "_qconv_pair_table", None)
+        if cache is None or cache[0] != key:
+            code = f["code"].to(device=device, dtype=torch.float32).reshape(-1)
+            table = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1).contiguous()
+            cache = (key, table)
+            try:
+                quant_state._qconv_pair_table = cache
+            except AttributeError:  # a state object that takes no attributes: build every time
+                pass
+        table = cache[1]
+    else:
+        table = _float32_on(f["code"], device)
+    if f["nested"]:
+        return (absmax.to(device).reshape(-1), table, _float32_on(f["nested_code"], device),
+                _float32_on(f["nested_absmax"], device), _float32_on(f["offset"], device), f["nested_blocksize"])
+    absmax = _float32_on(absmax, device)
+    return absmax, table, absmax, absmax, absmax, 1
+
+
 def _launch_dequantize(
-    data: torch.Tensor, f: dict[str, Any], out: torch.Tensor,
-    bytes_per_program: int | None = None, num_warps: int | None = None,
+    data: torch.Tensor, quant_state: Any, f: dict[str, Any], out: torch.Tensor,
+    bytes_per_program: int | None = None, num_warps: int | None = None, pair: bool | None = None,
 ) -> torch.Tensor:
     """Run the Triton kernel over flat uint8 ``data`` into flat contiguous ``out``."""
-    device = data.device
     blocksize, numel = f["blocksize"], f["numel"]
     n_blocks = (numel + blocksize - 1) // blocksize
-    absmax = f["absmax"]
-    if absmax.numel() != n_blocks:
-        raise QconvError(f"dequantize_nf4: absmax has {absmax.numel()} entries, expected {n_blocks}")
+    if f["absmax"].numel() != n_blocks:
+        raise QconvError(f"dequantize_nf4: absmax has {f['absmax'].numel()} entries, expected {n_blocks}")
     half = blocksize // 2
     if bytes_per_program is None:
         bytes_per_program = INTERPRETER_BYTES_PER_PROGRAM if is_interpreter() else DEFAULT_BYTES_PER_PROGRAM
+    pair = DEFAULT_PAIR_TABLE if pair is None else pair
     rows = max(1, bytes_per_program // half)
     rows = min(rows, 1 << max(0, (n_blocks - 1).bit_length()))  # never more rows than the tensor has
-    code = _float32_on(f["code"], device)
-    if f["nested"]:
-        absmax = absmax.to(device).reshape(-1)
-        nested_code = _float32_on(f["nested_code"], device)
-        nested_absmax = _float32_on(f["nested_absmax"], device)
-        offset = _float32_on(f["offset"], device)
-        nested_bs = f["nested_blocksize"]
-    else:
-        absmax = _float32_on(absmax, device)
-        nested_code = nested_absmax = offset = absmax
-        nested_bs = 1
+    absmax, table, nested_code, nested_absmax, offset, nested_bs = state_tensors(quant_state, f, data.device, pair)
     grid = (triton_cdiv(n_blocks, rows),)
     _nf4_dequantize_kernel[grid](
-        data, absmax, code, nested_code, nested_absmax, offset, out,
+        data, absmax, table, nested_code, nested_absmax, offset, out,
         data.numel(), numel, n_blocks,
         HALF_BS=half, ROWS=rows, NESTED=f["nested"], NESTED_BS=nested_bs,
-        INT64=grid[0] * rows * blocksize >= 2**31,
+        INT64=grid[0] * rows * blocksize >= 2**31, PAIR=pair,
         num_warps=num_warps or DEFAULT_NUM_WARPS,
         enable_fp_fusion=False,  # keep bitsandbytes' rounding: code2*absmax2 rounded, then + offset
     )
@@ -227,5 +251,5 @@ def dequantize_nf4(
         out = torch.empty(f["shape"], dtype=out_dtype, device=data.device)
     if f["numel"] == 0:
         return out
-    _launch_dequantize(data, f, out.view(-1))
+    _launch_dequantize(data, quant_state, f, out.view(-1))
     return out

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from qconv.errors import QconvError
-from qconv.kernels.nf4_dequantize import HAS_TRITON, _float32_on, _packed_bytes, _state_fields, dequantize_nf4
+from qconv.kernels.nf4_dequantize import HAS_TRITON, _packed_bytes, _state_fields, dequantize_nf4, state_tensors
 from qconv.kernels.utils import FLOAT_DTYPES, is_interpreter
 
 if HAS_TRITON:
@@ -33,6 +33,13 @@ if HAS_TRITON:
 GEMV_BLOCK_N = 8
 GEMV_STEP_BYTES = 256
 GEMV_NUM_WARPS = 4
+GEMV_PAIR_TABLE = True
+#: fused dequantize + tl.dot tiles (rows per tile are 16)
+DOT_BLOCK_N = 64
+DOT_BLOCK_K = 128
+DOT_NUM_WARPS = 4
+DOT_NUM_STAGES = 3
+DOT_PAIR_TABLE = True
 #: Largest M that uses the fused dequantize + tl.dot kernel; above it dequantize + torch.matmul wins.
 FUSED_DOT_MAX_ROWS = 16
 
@@ -64,6 +71,7 @@ if HAS_TRITON:
     @triton.jit
     def _block_absmax(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, blk, mask,
                       NESTED: tl.constexpr, NESTED_BS: tl.constexpr):
+        """absmax of flat quantization blocks ``blk`` (dequantizing the nested absmax like bitsandbytes)."""
         if NESTED:
             qa = tl.load(absmax_ptr + blk, mask=mask, other=0)
             scale = tl.load(nested_code_ptr + qa) * tl.load(nested_absmax_ptr + blk // NESTED_BS, mask=mask, other=0)
@@ -72,30 +80,39 @@ if HAS_TRITON:
             return tl.load(absmax_ptr + blk, mask=mask, other=0)
 
     @triton.jit
+    def _code_values(code_ptr, q, PAIR: tl.constexpr, HALF_BS: tl.constexpr):
+        """Unscaled values of byte tile ``q`` [A, B, HALF_BS] as [A, B, 2 * HALF_BS] (flat weight order)."""
+        if PAIR:  # one 8-byte gather per byte from the [256, 2] (high, low) table
+            t = tl.arange(0, 2)
+            pair = tl.load(code_ptr + q[:, :, :, None].to(tl.int32) * 2 + t[None, None, None, :])
+            return tl.reshape(pair, (q.shape[0], q.shape[1], 2 * HALF_BS))
+        else:  # two 4-byte gathers per byte from the 16-entry code
+            return tl.interleave(tl.load(code_ptr + (q >> 4)), tl.load(code_ptr + (q & 15)))
+
+    @triton.jit
     def _nf4_gemv_kernel(
         x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
         bias_ptr, y_ptr, N, K,
         HALF_BS: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
-        NESTED: tl.constexpr, NESTED_BS: tl.constexpr, HAS_BIAS: tl.constexpr,
+        NESTED: tl.constexpr, NESTED_BS: tl.constexpr, HAS_BIAS: tl.constexpr, PAIR: tl.constexpr,
     ):
         pid = tl.program_id(0)
         n = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # output features
         n_ok = n < N
         j = tl.arange(0, NB)  # quantization block within the step
         c = tl.arange(0, HALF_BS)  # byte within the block
+        e = tl.arange(0, 2 * HALF_BS)  # element within the block
         blocks_per_row = K // (2 * HALF_BS)
         acc = tl.zeros((BLOCK_N, NB), dtype=tl.float32)
         for kb in range(0, blocks_per_row, NB):
             kblk = kb + j
             kblk_ok = kblk < blocks_per_row
-            # x[k] for k = kblk * bs + 2c (even: high nibble) and + 1 (odd: low nibble)
-            k_even = kblk[:, None] * (2 * HALF_BS) + 2 * c[None, :]
-            xe = tl.load(x_ptr + k_even, mask=kblk_ok[:, None], other=0).to(tl.float32)
-            xo = tl.load(x_ptr + k_even + 1, mask=kblk_ok[:, None], other=0).to(tl.float32)
+            xt = tl.load(x_ptr + kblk[:, None] * (2 * HALF_BS) + e[None, :], mask=kblk_ok[:, None], other=0)
             blk = n[:, None] * blocks_per_row + kblk[None, :]  # [BLOCK_N, NB] flat block index
             blk_ok = n_ok[:, None] & kblk_ok[None, :]
             q = tl.load(packed_ptr + blk[:, :, None] * HALF_BS + c[None, None, :], mask=blk_ok[:, :, None], other=0)
-            part = tl.sum(tl.load(code_ptr + (q >> 4)) * xe[None, :, :] + tl.load(code_ptr + (q & 15)) * xo[None, :, :], axis=2)
+            w = _code_values(code_ptr, q, PAIR, HALF_BS)  # [BLOCK_N, NB, bs], absmax not applied yet
+            part = tl.sum(w * xt.to(tl.float32)[None, :, :], axis=2)
             absmax = _block_absmax(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, blk, blk_ok, NESTED, NESTED_BS)
             acc += part * absmax
         y = tl.sum(acc, axis=1)
@@ -109,6 +126,7 @@ if HAS_TRITON:
         bias_ptr, y_ptr, M, N, K,
         HALF_BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
         NESTED: tl.constexpr, NESTED_BS: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
+        PAIR: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -128,9 +146,8 @@ if HAS_TRITON:
             blk_ok = n_ok[:, None] & (kblk < blocks_per_row)[None, :]
             q = tl.load(packed_ptr + blk[:, :, None] * HALF_BS + c[None, None, :], mask=blk_ok[:, :, None], other=0)
             absmax = _block_absmax(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, blk, blk_ok, NESTED, NESTED_BS)
-            hi = tl.load(code_ptr + (q >> 4)) * absmax[:, :, None]
-            lo = tl.load(code_ptr + (q & 15)) * absmax[:, :, None]
-            w = tl.reshape(tl.interleave(hi, lo), (BLOCK_N, BLOCK_K))  # dequantized W[n, k-tile]
+            w = _code_values(code_ptr, q, PAIR, HALF_BS) * absmax[:, :, None]
+            w = tl.reshape(w, (BLOCK_N, BLOCK_K))  # dequantized W[n, k-tile]
             k = kb * 2 * HALF_BS + kk
             xt = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0)
             if DOT_FP32:  # float32 x (IEEE, no tf32), or the interpreter (its bf16/fp16 dot is wrong)
@@ -143,16 +160,6 @@ if HAS_TRITON:
                  mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _state_pointers(f: dict[str, Any], device: torch.device) -> tuple:
-    code = _float32_on(f["code"], device)
-    if f["nested"]:
-        absmax = f["absmax"].to(device).reshape(-1)
-        return (absmax, code, _float32_on(f["nested_code"], device), _float32_on(f["nested_absmax"], device),
-                _float32_on(f["offset"], device), f["nested_blocksize"])
-    absmax = _float32_on(f["absmax"], device)
-    return absmax, code, absmax, absmax, absmax, 1
-
-
 def _fused_ok(f: dict[str, Any], K: int, M: int) -> bool:
     """Whether the fused kernels handle this shape: blocks within rows; small blocks for tl.dot tiles."""
     if K % f["blocksize"]:
@@ -160,44 +167,46 @@ def _fused_ok(f: dict[str, Any], K: int, M: int) -> bool:
     return M == 1 or (M <= FUSED_DOT_MAX_ROWS and f["blocksize"] <= 256)
 
 
-def _gemv(x2: torch.Tensor, data: torch.Tensor, f: dict[str, Any], bias: torch.Tensor | None,
+def _gemv(x2: torch.Tensor, data: torch.Tensor, quant_state: Any, f: dict[str, Any], bias: torch.Tensor | None,
           block_n: int | None = None, step_bytes: int | None = None, num_warps: int | None = None,
-          out: torch.Tensor | None = None) -> torch.Tensor:
+          pair: bool | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Fused dequantize + GEMV for one row ``x2`` [1, K] into ``out`` [1, N] (allocated when None)."""
     N, K = f["shape"]
     half = f["blocksize"] // 2
     block_n = block_n or (16 if is_interpreter() else GEMV_BLOCK_N)
     step_bytes = step_bytes or (4096 if is_interpreter() else GEMV_STEP_BYTES)
+    pair = GEMV_PAIR_TABLE if pair is None else pair
     nb = max(1, min(step_bytes // half, 1 << max(0, (K // f["blocksize"] - 1).bit_length())))
     y = out if out is not None else torch.empty((1, N), dtype=x2.dtype, device=x2.device)
-    absmax, code, nested_code, nested_absmax, offset, nested_bs = _state_pointers(f, x2.device)
+    absmax, table, nested_code, nested_absmax, offset, nested_bs = state_tensors(quant_state, f, x2.device, pair)
     _nf4_gemv_kernel[(triton_cdiv(N, block_n),)](
-        x2, data, absmax, code, nested_code, nested_absmax, offset, bias if bias is not None else x2, y, N, K,
+        x2, data, absmax, table, nested_code, nested_absmax, offset, bias if bias is not None else x2, y, N, K,
         HALF_BS=half, BLOCK_N=block_n, NB=nb, NESTED=f["nested"], NESTED_BS=nested_bs,
-        HAS_BIAS=bias is not None, num_warps=num_warps or GEMV_NUM_WARPS,
+        HAS_BIAS=bias is not None, PAIR=pair, num_warps=num_warps or GEMV_NUM_WARPS,
     )
     return y
 
 
-def _fused_dot(x2: torch.Tensor, data: torch.Tensor, f: dict[str, Any], bias: torch.Tensor | None,
-               block_m: int = 16, block_n: int = 64, block_k: int = 128, num_warps: int = 4,
-               num_stages: int = 3, out: torch.Tensor | None = None) -> torch.Tensor:
+def _fused_dot(x2: torch.Tensor, data: torch.Tensor, quant_state: Any, f: dict[str, Any], bias: torch.Tensor | None,
+               block_m: int = 16, block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None,
+               num_stages: int | None = None, pair: bool | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Fused dequantize + tl.dot for ``x2`` [M, K] into ``out`` [M, N] (allocated when None)."""
     M, K = x2.shape
     N = f["shape"][0]
     half = f["blocksize"] // 2
+    block_n, block_k = block_n or DOT_BLOCK_N, block_k or DOT_BLOCK_K
+    pair = DOT_PAIR_TABLE if pair is None else pair
     nb = max(1, block_k // f["blocksize"])
     y = out if out is not None else torch.empty((M, N), dtype=x2.dtype, device=x2.device)
-    absmax, code, nested_code, nested_absmax, offset, nested_bs = _state_pointers(f, x2.device)
+    absmax, table, nested_code, nested_absmax, offset, nested_bs = state_tensors(quant_state, f, x2.device, pair)
     grid = (triton_cdiv(M, block_m), triton_cdiv(N, block_n))
     _nf4_dot_kernel[grid](
-        x2, data, absmax, code, nested_code, nested_absmax, offset, bias if bias is not None else x2, y, M, N, K,
+        x2, data, absmax, table, nested_code, nested_absmax, offset, bias if bias is not None else x2, y, M, N, K,
         HALF_BS=half, BLOCK_M=block_m, BLOCK_N=block_n, NB=nb, NESTED=f["nested"], NESTED_BS=nested_bs,
-        HAS_BIAS=bias is not None, DOT_FP32=x2.dtype == torch.float32 or is_interpreter(),
-        num_warps=num_warps, num_stages=num_stages,
+        HAS_BIAS=bias is not None, DOT_FP32=x2.dtype == torch.float32 or is_interpreter(), PAIR=pair,
+        num_warps=num_warps or DOT_NUM_WARPS, num_stages=num_stages or DOT_NUM_STAGES,
     )
     return y
-
 
 def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
@@ -229,7 +238,7 @@ def _forward(x: torch.Tensor, packed: torch.Tensor, quant_state: Any, bias: torc
     if on_triton and x.dtype != torch.float64 and M >= 1 and _fused_ok(f, K, M):
         data = _packed_bytes(packed, f["numel"])
         x2 = x.reshape(M, K).contiguous()
-        y = _gemv(x2, data, f, bias_c) if M == 1 else _fused_dot(x2, data, f, bias_c)
+        y = _gemv(x2, data, quant_state, f, bias_c) if M == 1 else _fused_dot(x2, data, quant_state, f, bias_c)
         return y.reshape(*lead, N)
     w = _dequantize_for(packed, quant_state, x.dtype)
     y = torch.matmul(x, w.t())

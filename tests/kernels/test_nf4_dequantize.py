@@ -144,6 +144,18 @@ def test_quant_storage_other_than_uint8(storage, forbid_reference):
 
 
 @needs_triton
+@pytest.mark.parametrize("pair", [True, False])
+@pytest.mark.parametrize("blocksize", [32, 256])
+def test_both_table_variants_and_small_programs(pair, blocksize):
+    """Both code-lookup variants, and programs of a few rows (many programs, a ragged last one)."""
+    packed, state = quantize((50, 100), blocksize, "fp4", True)
+    out = torch.full(state.shape, float("nan"))
+    nf4._launch_dequantize(nf4._packed_bytes(packed, out.numel()), state, nf4._state_fields(state), out.view(-1),
+                           bytes_per_program=max(1024, blocksize), num_warps=4, pair=pair)
+    assert torch.equal(out, bnb_dequantize(packed, state))
+
+
+@needs_triton
 def test_default_dtype_is_the_state_dtype(forbid_reference):
     packed, state = quantize((16, 64), 64, "nf4", False, dtype=torch.float16)
     got = nf4.dequantize_nf4(packed, state)

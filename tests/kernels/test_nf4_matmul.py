@@ -71,8 +71,9 @@ def test_forward_float32(n_out, n_in, blocksize, quant_type, double_quant, lead,
 
 
 @needs_triton
+@pytest.mark.parametrize("pair", [True, False])
 @pytest.mark.parametrize("path", ["gemv", "dot"])
-def test_fused_kernels_write_every_output(path):
+def test_fused_kernels_write_every_output(path, pair):
     packed, state = quantize(80, 256, 64, "nf4", True)
     f = nf4_dequantize._state_fields(state)
     data = nf4_dequantize._packed_bytes(packed, f["numel"])
@@ -80,9 +81,9 @@ def test_fused_kernels_write_every_output(path):
     x = torch.randn(rows, 256)
     out = torch.full((rows, 80), float("nan"))
     if path == "gemv":
-        nf4_matmul._gemv(x, data, f, None, block_n=16, out=out)
+        nf4_matmul._gemv(x, data, state, f, None, block_n=16, step_bytes=64, pair=pair, out=out)
     else:
-        nf4_matmul._fused_dot(x, data, f, None, block_m=16, block_n=32, block_k=128, out=out)
+        nf4_matmul._fused_dot(x, data, state, f, None, block_m=16, block_n=32, block_k=128, pair=pair, out=out)
     assert_close_to_reference(out, reference(x, packed, state), x, packed, state, rel=1e-5)
 
 
