@@ -1,0 +1,129 @@
+"""Find a checkpoint's files: resolve a Hub id or directory, list shards, read config and manifest, verify.
+
+Only the standard library (and ``qconv.format``/``qconv.hub``) is used here, so all of it runs before
+torch or transformers are imported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qconv import format as fmt
+from qconv.errors import QconvError
+
+logger = logging.getLogger(__name__)
+
+#: What a load needs from a Hub repo (weights, configs, tokenizer files); remote code only when asked.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+@dataclass
+class Checkpoint:
+    """A resolved checkpoint directory and what was read from it without heavy imports."""
+
+    directory: Path
+    config: dict[str, Any]
+    shards: list[Path]
+    manifest: fmt.Manifest | None
+    revision: str = ""
+    source: str = ""
+    tensor_files: dict[str, Path] = field(default_factory=dict)
+
+
+def resolve_directory(
+    name_or_path: str | os.PathLike, *, revision: str | None, token: str | None, trust_remote_code: bool
+) -> tuple[Path, str]:
+    """A local directory as is, or a Hub id downloaded into the HF cache; returns ``(directory, commit)``."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if revision:
+            logger.warning("revision=%r ignored: %s is a local directory", revision, path)
+        return path, ""
+    if path.exists():
+        raise QconvError(f"{path}: not a directory (pass the checkpoint folder or a Hub id)")
+    from qconv.hub import download_snapshot, looks_like_repo_id
+
+    if not looks_like_repo_id(str(name_or_path)):
+        raise QconvError(f"{name_or_path}: no such directory, and not a Hub repo id (namespace/name)")
+    patterns = HUB_PATTERNS + (["*.py"] if trust_remote_code else [])
+    folder, commit = download_snapshot(str(name_or_path), revision=revision, token=token, allow_patterns=patterns)
+    return folder, commit
+
+
+def list_shards(directory: Path) -> list[Path]:
+    """Shard files from the index (checked to stay inside ``directory``) or the single ``model.safetensors``."""
+    index = directory / fmt.INDEX_NAME
+    single = directory / fmt.SINGLE_SHARD_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise QconvError(f"{index}: not a readable safetensors index ({exc})") from exc
+        names = sorted(set(weight_map.values()))
+        shards = [fmt.safe_join(directory, n) for n in names]
+        missing = [n for n, p in zip(names, shards) if not p.is_file()]
+        if missing:
+            raise QconvError(
+                f"{directory}: shard {missing[0]} listed in {fmt.INDEX_NAME} is missing"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            )
+        return shards
+    if single.is_file():
+        return [single]
+    others = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.safetensors"))
+    hint = f" (found {', '.join(others[:3])})" if others else ""
+    raise QconvError(
+        f"{directory}: no {fmt.SINGLE_SHARD_NAME} or {fmt.INDEX_NAME}{hint}; "
+        f"convert the model first: qconv convert <source> <out_dir>"
+    )
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    path = directory / fmt.CONFIG_NAME
+    if not path.is_file():
+        raise QconvError(f"{directory}: no {fmt.CONFIG_NAME}, so it is not a Hugging Face model checkpoint")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise QconvError(f"{path}: not readable JSON ({exc})") from exc
+
+
+def open_checkpoint(
+    name_or_path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    trust_remote_code: bool = False,
+) -> Checkpoint:
+    """Resolve, then read config and manifest and list shards (no hashing, no tensor bytes)."""
+    directory, commit = resolve_directory(name_or_path, revision=revision, token=token, trust_remote_code=trust_remote_code)
+    config = read_config(directory)
+    manifest = fmt.read_manifest(directory)  # refuses a newer schema
+    qc = config.get("quantization_config")
+    if not qc:
+        raise QconvError(
+            f"{directory}: config.json has no quantization_config, so the weights are not pre-quantized; "
+            f"convert them first: qconv convert {name_or_path} <out_dir>"
+        )
+    fmt.settings_from_quantization_config(qc)  # QconvError unless bitsandbytes 4-bit
+    shards = list_shards(directory)
+    return Checkpoint(directory=directory, config=config, shards=shards, manifest=manifest, revision=commit, source=str(name_or_path))
+
+
+def verify_files(ckpt: Checkpoint) -> None:
+    """Check every file the manifest lists against its sha256; :class:`QconvError` on the first mismatch."""
+    if ckpt.manifest is None:
+        raise QconvError(f"{ckpt.directory}: verify=True needs {fmt.MANIFEST_NAME}, and this checkpoint has none")
+    for rel, expected in sorted(ckpt.manifest.files.items()):
+        path = fmt.safe_join(ckpt.directory, rel)
+        if not path.is_file():
+            raise QconvError(f"{path}: listed in {fmt.MANIFEST_NAME} but missing")
+        actual = fmt.sha256_file(path)
+        if actual != expected:
+            raise QconvError(f"{path}: sha256 mismatch (manifest {expected[:12]}..., file {actual[:12]}...); re-download or re-convert")
+    logger.info("verified %d files against %s", len(ckpt.manifest.files), fmt.MANIFEST_NAME)

@@ -1,0 +1,251 @@
+"""``from_pretrained``: load a bitsandbytes 4-bit checkpoint straight onto its device, ready for LoRA.
+
+Order of work: resolve files and parse shard headers (stdlib only) -> import torch, plan devices, start
+reading every tensor into its final device memory in the background -> meanwhile import transformers and
+bitsandbytes, build the skeleton on the meta device and swap in ``Linear4bit`` -> fill parameters from
+the read tensors, initialise buffers, tie -> tokenizer and its fixes -> kernel patches.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qconv import format as fmt
+from qconv.errors import QconvError
+from qconv.runtime import checkpoint as ckpt_mod
+from qconv.runtime.shard_reader import RingUploader, ShardHeader, TensorEntry, as_typed, read_direct, read_header
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+logger = logging.getLogger(__name__)
+
+
+class _Staging:
+    """Every checkpoint tensor being read into its final device memory (flat uint8, viewed when done)."""
+
+    def __init__(self, headers: list[ShardHeader], device_of) -> None:
+        import torch
+
+        self.entries: dict[str, TensorEntry] = {}
+        self.raw: dict[str, torch.Tensor] = {}
+        host: dict[Path, list] = {}
+        dev: dict[Path, list] = {}
+        totals: dict[torch.device, int] = {}
+        placed = []
+        for header in headers:
+            for name, entry in header.tensors.items():
+                device = torch.device("cpu") if fmt.PACKED_STATE_PREFIX in name else device_of(name)
+                placed.append((header.path, name, entry, device))
+                totals[device] = totals.get(device, 0) + entry.nbytes
+        for device, total in totals.items():
+            if device.type == "cuda":  # one large block the per-tensor allocations are carved from
+                del_me = torch.empty(total + (64 << 20), dtype=torch.uint8, device=device)
+                del del_me
+        for path, name, entry, device in placed:
+            dest = torch.empty(entry.nbytes, dtype=torch.uint8, device=device)
+            self.entries[name], self.raw[name] = entry, dest
+            (dev if device.type == "cuda" else host).setdefault(path, []).append((entry, dest))
+        self.bytes = sum(totals.values())
+        self._errors: list[BaseException] = []
+        self._host_thread = threading.Thread(target=self._read_host, args=(host,), name="qconv-read-host", daemon=True)
+        self._host_thread.start()
+        threads = int(os.environ.get("QCONV_LOAD_THREADS", "8"))
+        chunk = int(os.environ.get("QCONV_LOAD_CHUNK_MB", "32")) << 20
+        self._uploader = RingUploader(dev, threads=threads, buffers=threads, chunk_bytes=chunk) if dev else None
+
+    def _read_host(self, jobs: dict[Path, list]) -> None:
+        try:
+            for path, items in jobs.items():
+                read_direct(path, items)
+        except BaseException as exc:  # re-raised by wait()
+            self._errors.append(exc)
+
+    def wait(self) -> dict[str, "torch.Tensor"]:
+        """Block until everything is read; the tensors, typed and shaped, by name."""
+        self._host_thread.join()
+        if self._uploader is not None:
+            self._uploader.wait()
+        if self._errors:
+            raise self._errors[0]
+        return {name: as_typed(self.entries[name], raw) for name, raw in self.raw.items()}
+
+    def cancel(self) -> None:
+        self._host_thread.join()
+        if self._uploader is not None:
+            self._uploader.cancel()
+        self.raw.clear()
+
+
+def _parse_headers(shards: list[Path]) -> tuple[list[ShardHeader], dict[str, TensorEntry]]:
+    headers = [read_header(p) for p in shards]
+    entries: dict[str, TensorEntry] = {}
+    for h in headers:
+        for name, entry in h.tensors.items():
+            if name in entries:
+                raise QconvError(f"{h.path}: tensor {name} is also stored in another shard")
+            entries[name] = entry
+    return headers, entries
+
+
+def _compute_dtype(settings: fmt.QuantSettings, device: "torch.device") -> "torch.dtype":
+    import torch
+
+    compute = getattr(torch, settings.compute_dtype)
+    if compute == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        logger.warning("this GPU has no bfloat16: Linear4bit computes in float16")
+        return torch.float16
+    return compute
+
+
+def _mark_quantized(model: Any, quantization_config: dict[str, Any], compute_dtype: "torch.dtype") -> None:
+    """The attributes transformers' bnb quantizer leaves on a loaded model (peft and Trainer read them)."""
+    from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
+    from transformers.utils.quantization_config import BitsAndBytesConfig
+
+    qc = BitsAndBytesConfig.from_dict(dict(quantization_config))
+    qc.bnb_4bit_compute_dtype = compute_dtype
+    quantizer = Bnb4BitHfQuantizer(qc, pre_quantized=True)
+    model.is_quantized = True
+    model.quantization_method = qc.quant_method
+    model.hf_quantizer = quantizer
+    quantizer.postprocess_model(model)  # config.quantization_config, is_loaded_in_4bit, config._is_quantized
+
+
+def _guard_cpu_fast_path(model: Any) -> None:
+    """bitsandbytes' CPU AVX512-BF16 path asserts out_features % 32 == 0 and even in_features: skip it otherwise."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False) and (module.out_features % 32 or module.in_features % 2):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _load_generation_config(model: Any, directory: Path) -> None:
+    if (directory / fmt.GENERATION_CONFIG_NAME).is_file() and model.can_generate():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+
+
+def _fallback(directory: Path, dtype, plan, trust_remote_code: bool, reason: str):
+    """Names that need transformers' renaming rules: let transformers load the checkpoint itself."""
+    from transformers import AutoModelForCausalLM
+
+    logger.warning("%s: %s; loading through transformers.from_pretrained instead (slower)", directory, reason)
+    return AutoModelForCausalLM.from_pretrained(
+        directory, dtype=dtype, device_map=plan.hf_device_map(), trust_remote_code=trust_remote_code
+    )
+
+
+def from_pretrained(
+    name_or_path: str | os.PathLike,
+    *,
+    max_seq_length: int | None = None,
+    dtype: Any = None,
+    device_map: Any = None,
+    patch: bool = True,
+    fix_tokenizer: bool = True,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
+    verify: bool = False,
+):
+    """Load a pre-quantized (bitsandbytes 4-bit) causal LM and its tokenizer; returns ``(model, tokenizer)``.
+
+    ``name_or_path`` is a local directory or a Hub id. ``dtype`` (None: bfloat16 on GPUs that have it,
+    else float16; float32 on the CPU) is used for the non-quantized tensors; ``Linear4bit`` computes in
+    the checkpoint's ``bnb_4bit_compute_dtype``. ``device_map``: None (``cuda`` if present, else
+    ``cpu``), a device, ``"auto"``/``"sequential"`` or a ``{module: device}`` dict. ``patch`` swaps in
+    qconv kernels where available; ``patch=False`` is stock transformers. ``verify`` checks the
+    manifest's sha256 of every file first. The model is returned in eval mode, like transformers does.
+    """
+    start = time.perf_counter()
+    ckpt = ckpt_mod.open_checkpoint(name_or_path, revision=revision, token=token, trust_remote_code=trust_remote_code)
+    if verify:
+        ckpt_mod.verify_files(ckpt)
+    headers, entries = _parse_headers(ckpt.shards)
+    quantized = fmt.quantized_weight_names(entries)
+    if not quantized:
+        raise QconvError(
+            f"{ckpt.directory}: the shards hold no bitsandbytes 4-bit weights; convert the model first: "
+            f"qconv convert <source> <out_dir>"
+        )
+    settings = fmt.settings_from_quantization_config(ckpt.config["quantization_config"])
+
+    import torch
+
+    from qconv.runtime.device_map import resolve_device_map, resolve_dtype
+
+    sizes = {name: e.nbytes for name, e in entries.items()}
+    plan = resolve_device_map(device_map, sizes, tied_embeddings=bool(ckpt.config.get("tie_word_embeddings", False)))
+    main = plan.main_device
+    dtype = resolve_dtype(dtype, main)
+    compute_dtype = _compute_dtype(settings, main)
+    staging = _Staging(headers, plan.device_of)
+    try:
+        from qconv.runtime import skeleton
+
+        config = skeleton.load_config(ckpt.directory, trust_remote_code=trust_remote_code)
+        if max_seq_length is not None:
+            skeleton.apply_max_seq_length(config, max_seq_length)
+        cls = skeleton.model_class(config, ckpt.directory, trust_remote_code=trust_remote_code)
+        model = skeleton.build_skeleton(cls, config, dtype)
+        skeleton.replace_quantized_linears(model, quantized, settings, compute_dtype)
+        expected = set(model.state_dict(keep_vars=True))
+        stored = {n for n in entries if not fmt.is_state_tensor(n)}
+        tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+        if stored - expected and expected - stored - tied:
+            raise skeleton.LayoutMismatch(f"checkpoint names differ from the model's (e.g. {sorted(stored - expected)[0]})")
+    except skeleton.LayoutMismatch as exc:
+        staging.cancel()
+        model = _fallback(ckpt.directory, dtype, plan, trust_remote_code, str(exc))
+        fallback = True
+    except BaseException:
+        staging.cancel()
+        raise
+    else:
+        fallback = False
+        tensors = staging.wait()
+        read_s = time.perf_counter() - start
+        from qconv.runtime.materialize import fill_model
+
+        report = fill_model(model, tensors, quantized, plan.device_of, skeleton.dtype_plan(model, dtype))
+        del tensors, staging
+        if report.unexpected:
+            logger.warning("%d checkpoint tensors unused by %s (e.g. %s)", len(report.unexpected), cls.__name__, sorted(report.unexpected)[0])
+        if report.missing:
+            logger.warning("%d parameters not in the checkpoint were initialised (e.g. %s)", len(report.missing), sorted(report.missing)[0])
+        model.config.name_or_path = str(name_or_path)
+        _guard_cpu_fast_path(model)
+        _load_generation_config(model, ckpt.directory)
+        _mark_quantized(model, ckpt.config["quantization_config"], compute_dtype)
+        model.eval()
+        if len(plan.devices) > 1:
+            from accelerate import dispatch_model
+
+            dispatch_model(model, device_map=plan.hf_device_map())
+        model.hf_device_map = plan.hf_device_map()
+        logger.info("read %.2f GiB in %.2f s, %d quantized Linear", sum(sizes.values()) / 2**30, read_s, report.quantized)
+
+    from qconv.runtime.tokenizer_replay import load_tokenizer, replay_fixes, sync_pad_ids
+
+    tokenizer = load_tokenizer(ckpt.directory, trust_remote_code=trust_remote_code, max_seq_length=max_seq_length)
+    replayed: list[str] = []
+    if tokenizer is not None and fix_tokenizer:
+        replayed = replay_fixes(tokenizer, ckpt.manifest.tokenizer_fixes if ckpt.manifest else [])
+        sync_pad_ids(model, tokenizer)
+    patched: list[str] = []
+    if patch and (main.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+        from qconv.runtime.patches import apply_patches
+
+        patched = apply_patches(model)
+    model._qconv = {
+        "source": str(name_or_path), "directory": str(ckpt.directory), "revision": ckpt.revision, "fallback": fallback,
+        "patched": patched, "tokenizer_fixes": replayed, "seconds": round(time.perf_counter() - start, 3),
+    }
+    logger.info("loaded %s in %.2f s (patched: %s)", name_or_path, model._qconv["seconds"], ", ".join(patched) or "none")
+    return model, tokenizer
