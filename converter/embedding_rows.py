@@ -16,6 +16,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from qconv.errors import QconvError
+
 log = logging.getLogger(__name__)
 
 #: Checkpoint names of the input embedding, most common first (Llama/Mistral/Qwen/Gemma/Phi, GPT-2, OPT, ...).
@@ -60,10 +62,14 @@ class Embedding:
 
 
 def _try_read(read_tensor: ReadTensor, name: str) -> torch.Tensor | None:
-    """``read_tensor(name)``, or None when the checkpoint has no such tensor (the agreed KeyError)."""
+    """``read_tensor(name)``, or None when the checkpoint has no such tensor.
+
+    The agreed signal is ``KeyError``; the converter's checkpoint reader raises ``QconvError`` for an unknown
+    name, so that is taken to mean "absent" too (a real read failure recurs when the converter streams it).
+    """
     try:
         return read_tensor(name)
-    except KeyError:
+    except (KeyError, QconvError):
         return None
 
 
@@ -105,6 +111,12 @@ def find_embeddings(config: dict[str, Any], read_tensor: ReadTensor) -> tuple[Em
                 hit = Embedding(name, tensor)
         found.append(hit)
     return found[0], found[1]
+
+
+def same_matrix(a: Embedding, b: Embedding) -> bool:
+    """True when both embeddings hold the same values (a tied matrix stored under both names)."""
+    x, y = a.tensor, b.tensor
+    return x.shape == y.shape and x.dtype == y.dtype and (x.data_ptr() == y.data_ptr() or torch.equal(x, y))
 
 
 def row_norms(tensor: torch.Tensor, limit: int | None = None) -> torch.Tensor:

@@ -237,8 +237,10 @@ def plan_tokenizer_fixes(
         ))
         return plan
     special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
-    for emb in (e for e in (embed, output) if e is not None):
-        _plan_embedding(plan, tokenizer, emb, special, target_rows, new_pad_id, fix, fix_untrained)
+    duplicate = output is not None and er.same_matrix(embed, output)  # tied, stored twice: one finding
+    for emb, record in ((embed, True), (output, not duplicate)):
+        if emb is not None:
+            _plan_embedding(plan, tokenizer, emb, special, target_rows, new_pad_id, fix, fix_untrained, record)
     if fix and target_rows > rows:
         plan.config_updates["vocab_size"] = target_rows
     for record in plan.fixes:  # name the tensors whose rows a pad token or the growth changed (verify reads it)
@@ -312,13 +314,13 @@ def _plan_pad(plan, tokenizer, config, generation_config, rows: int, fix: bool, 
 
 
 def _plan_embedding(plan, tokenizer, emb: er.Embedding, special: set[int], target_rows: int,
-                    new_pad_id: int | None, fix: bool, fix_untrained: bool) -> None:
+                    new_pad_id: int | None, fix: bool, fix_untrained: bool, record: bool = True) -> None:
     """Untrained-row finding for one embedding, and its transform (repair, new pad row, growth)."""
     token_count = min(len(tokenizer), emb.rows)
     untrained = er.untrained_rows(emb.tensor, token_count, special)
     repair = fix and fix_untrained and bool(untrained)
     mean = er.trained_mean(emb.tensor, token_count, untrained)
-    if untrained:
+    if untrained and record:
         norms = er.row_norms(emb.tensor)[untrained]
         mean_norm = float(mean.to(emb.tensor.dtype).float().norm())
         shown = ", ".join(map(str, untrained[:16])) + (", ..." if len(untrained) > 16 else "")

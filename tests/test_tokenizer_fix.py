@@ -285,3 +285,33 @@ def test_no_tokenizer_or_no_embeddings_are_findings(tmp_path):
     src = build_tokenizer(tmp_path / "src", pad="<unk>")
     plan = plan_tokenizer_fixes(src, {"vocab_size": 32}, reader({}))
     assert any(f.kind == "untrained_rows" and "no embedding" in f.detail for f in plan.fixes)
+
+
+# ---------------------------------------------------------------------------------------------- the real SmolLM2
+def test_smollm2_tokenizer_and_embeddings(smollm2_gguf, tmp_path):
+    """SmolLM2-135M-Instruct: pad == eos (<|im_end|>) -> <|endoftext|>; eleven untrained special-token rows."""
+    import gguf
+    from gguf.quants import dequantize
+    from transformers import AutoTokenizer
+
+    src = tmp_path / "src"
+    AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name).save_pretrained(src)
+    reader_ = gguf.GGUFReader(smollm2_gguf)
+    [embd] = [t for t in reader_.tensors if t.name == "token_embd.weight"]
+    embed = torch.from_numpy(dequantize(embd.data, embd.tensor_type).copy())
+    assert embed.shape == (49152, 576)
+    config = dict(model_type="llama", vocab_size=49152, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+                  pad_token_id=2)
+    plan = plan_tokenizer_fixes(src, config, reader({"model.embed_tokens.weight": embed}), fix_untrained=True)
+    found = kinds(plan)
+    assert found["pad_token"].before == {"pad_token": "<|im_end|>", "pad_token_id": 2}
+    assert found["pad_token"].after == {"pad_token": "<|endoftext|>", "pad_token_id": 0, "added": False}
+    assert plan.config_updates == {"pad_token_id": 0} and plan.generation_config_updates == {"pad_token_id": 0}
+    assert {"chat_template", "bos", "added_tokens_out_of_range"}.isdisjoint(found)  # template has the branch
+    untrained = found["untrained_rows"]
+    # <file_sep>, <gh_stars> .. <empty_output>: rows within 0.3 % of each other; <|im_start|>, <|im_end|> trained
+    assert untrained.before["ids"] == [5, *range(7, 17)] and untrained.applied
+    out = plan.tensor_transforms["model.embed_tokens.weight"](embed)
+    assert torch.equal(out[17:], embed[17:]) and torch.equal(out[:5], embed[:5])
+    tok = saved_tokenizer(plan, tmp_path / "out")
+    assert (tok.pad_token, tok.pad_token_id, tok.eos_token_id) == ("<|endoftext|>", 0, 2)
