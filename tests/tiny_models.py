@@ -99,3 +99,38 @@ def make_checkpoint(
     if with_tokenizer:
         tokenizer.save_pretrained(directory)
     return directory
+
+
+def make_quantized_checkpoint(
+    source: str | Path,
+    directory: str | Path,
+    *,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    compute_dtype: str = "bfloat16",
+    skip_modules: tuple[str, ...] = (),
+    max_shard_size: str | None = None,
+) -> Path:
+    """The reference bnb 4-bit checkpoint: transformers quantize-on-load (CPU) of ``source`` + save_pretrained.
+
+    Tokenizer files of ``source`` are copied along; no qconv manifest is written.
+    """
+    import shutil
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    directory = Path(directory)
+    bnb = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
+        llm_int8_skip_modules=list(skip_modules) or None,
+    )
+    model = AutoModelForCausalLM.from_pretrained(source, quantization_config=bnb, device_map="cpu")
+    kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(directory, **kw)
+    for p in Path(source).iterdir():
+        if p.name.startswith(("tokenizer", "special_tokens")) or p.suffix in (".jinja", ".model", ".txt"):
+            shutil.copyfile(p, directory / p.name)
+    return directory
