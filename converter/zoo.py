@@ -146,7 +146,8 @@ def _verify(entry: ZooEntry, out: Path, revision: str, token: str) -> None:
         return
     from qconv.hub import download_snapshot
 
-    source_dir, _ = download_snapshot(entry.source, revision=revision, token=token)
+    source_dir, _ = download_snapshot(entry.source, revision=revision, token=token,
+                                      allow_patterns=["*.json", "*.safetensors"])  # cached by convert
     report = verify_checkpoint(out, source=source_dir)
     if not report.ok:
         raise QconvError(f"verify failed: {'; '.join(report.problems[:3]) or 'see qconv verify'}")
