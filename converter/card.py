@@ -60,7 +60,8 @@ def _header(manifest: Manifest, source_card: str | None) -> dict[str, Any]:
 
 
 def _cell(value: Any) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
+    text = str(value).replace("|", "\\|").replace("\n", " ")
+    return text.replace("<", "&lt;").replace(">", "&gt;")  # token names like <pad> are not HTML tags
 
 
 def _settings_rows(manifest: Manifest) -> list[tuple[str, str]]:

@@ -35,7 +35,7 @@ def test_hub_source_card(tmp_path):
     assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-generation"
     assert "language" not in meta  # only the license is carried over
     assert "| quant type | NF4 |" in text and "| blocksize | 64 |" in text and "| double quantization | yes |" in text
-    assert "| pad_token | fixed |" in text and "| chat_template | noted | no chat template \\| recorded |" in text
+    assert "| pad_token | fixed | the tokenizer has no pad token; pad token: &lt;pad&gt; (id 3) |" in text and "| chat_template | noted | no chat template \\| recorded |" in text
     assert 'runtime.from_pretrained("your-username/Tiny-7B-bnb-4bit")' in text
     assert 'AutoModelForCausalLM.from_pretrained("your-username/Tiny-7B-bnb-4bit"' in text
     assert "a" * 40 in text and "hf_" not in text  # the upstream card body (with a token-like string) is not copied
