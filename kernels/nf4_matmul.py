@@ -34,7 +34,7 @@ GEMV_BLOCK_N = 8
 GEMV_STEP_BYTES = 256
 GEMV_NUM_WARPS = 4
 GEMV_PAIR_TABLE = True
-#: fused dequantize + tl.dot tiles (rows per tile are 16)
+#: fused dequantize + tl.dot tiles (rows per tile: M rounded up to a power of two, 16 to 64)
 DOT_BLOCK_N = 64
 DOT_BLOCK_K = 128
 DOT_NUM_WARPS = 4
@@ -80,12 +80,12 @@ if HAS_TRITON:
             return tl.load(absmax_ptr + blk, mask=mask, other=0)
 
     @triton.jit
-    def _code_values(code_ptr, q, PAIR: tl.constexpr, HALF_BS: tl.constexpr):
+    def _code_values(code_ptr, q, PAIR: tl.constexpr, A: tl.constexpr, B: tl.constexpr, HALF_BS: tl.constexpr):
         """Unscaled values of byte tile ``q`` [A, B, HALF_BS] as [A, B, 2 * HALF_BS] (flat weight order)."""
         if PAIR:  # one 8-byte gather per byte from the [256, 2] (high, low) table
             t = tl.arange(0, 2)
             pair = tl.load(code_ptr + q[:, :, :, None].to(tl.int32) * 2 + t[None, None, None, :])
-            return tl.reshape(pair, (q.shape[0], q.shape[1], 2 * HALF_BS))
+            return tl.reshape(pair, (A, B, 2 * HALF_BS))
         else:  # two 4-byte gathers per byte from the 16-entry code
             return tl.interleave(tl.load(code_ptr + (q >> 4)), tl.load(code_ptr + (q & 15)))
 
@@ -111,7 +111,7 @@ if HAS_TRITON:
             blk = n[:, None] * blocks_per_row + kblk[None, :]  # [BLOCK_N, NB] flat block index
             blk_ok = n_ok[:, None] & kblk_ok[None, :]
             q = tl.load(packed_ptr + blk[:, :, None] * HALF_BS + c[None, None, :], mask=blk_ok[:, :, None], other=0)
-            w = _code_values(code_ptr, q, PAIR, HALF_BS)  # [BLOCK_N, NB, bs], absmax not applied yet
+            w = _code_values(code_ptr, q, PAIR, BLOCK_N, NB, HALF_BS)  # [BLOCK_N, NB, bs], absmax not applied yet
             part = tl.sum(w * xt.to(tl.float32)[None, :, :], axis=2)
             absmax = _block_absmax(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, blk, blk_ok, NESTED, NESTED_BS)
             acc += part * absmax
@@ -146,7 +146,7 @@ if HAS_TRITON:
             blk_ok = n_ok[:, None] & (kblk < blocks_per_row)[None, :]
             q = tl.load(packed_ptr + blk[:, :, None] * HALF_BS + c[None, None, :], mask=blk_ok[:, :, None], other=0)
             absmax = _block_absmax(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, blk, blk_ok, NESTED, NESTED_BS)
-            w = _code_values(code_ptr, q, PAIR, HALF_BS) * absmax[:, :, None]
+            w = _code_values(code_ptr, q, PAIR, BLOCK_N, NB, HALF_BS) * absmax[:, :, None]
             w = tl.reshape(w, (BLOCK_N, BLOCK_K))  # dequantized W[n, k-tile]
             k = kb * 2 * HALF_BS + kk
             xt = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0)
@@ -188,12 +188,13 @@ def _gemv(x2: torch.Tensor, data: torch.Tensor, quant_state: Any, f: dict[str, A
 
 
 def _fused_dot(x2: torch.Tensor, data: torch.Tensor, quant_state: Any, f: dict[str, Any], bias: torch.Tensor | None,
-               block_m: int = 16, block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None,
+               block_m: int | None = None, block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None,
                num_stages: int | None = None, pair: bool | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Fused dequantize + tl.dot for ``x2`` [M, K] into ``out`` [M, N] (allocated when None)."""
     M, K = x2.shape
     N = f["shape"][0]
     half = f["blocksize"] // 2
+    block_m = block_m or min(64, max(16, 1 << (M - 1).bit_length()))  # tl.dot tiles need >= 16 rows
     block_n, block_k = block_n or DOT_BLOCK_N, block_k or DOT_BLOCK_K
     pair = DOT_PAIR_TABLE if pair is None else pair
     nb = max(1, block_k // f["blocksize"])
