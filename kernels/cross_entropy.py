@@ -1,0 +1,209 @@
+"""Cross-entropy over a large vocabulary in Triton, never holding a float32 copy of the logits.
+
+``cross_entropy(logits, labels)`` equals ``F.cross_entropy(logits.float(), labels, ignore_index=...)``
+(the mean over non-ignored tokens; NaN when every token is ignored, like torch; the gradient is then zero).
+``softcap=c`` applies Gemma 2's final-logit soft-capping ``c * tanh(x / c)`` inside. The loss is float32.
+
+Forward: one program per row walks the vocabulary in chunks of ``chunk_size`` with an online
+logsumexp (float32), writes the row's loss and logsumexp, and skips ignored rows without reading them; a
+one-program kernel then sums the rows in a fixed order (deterministic) and counts the tokens on the
+device, so nothing waits for the GPU. Backward: ``softmax - onehot`` scaled by ``grad / n_tokens``,
+recomputed from the logits and the saved logsumexp in float32 chunks and written in the logits' dtype.
+The logits stay intact in the forward (unlike Liger, which overwrites them there); in the backward the
+gradient is written into the logits' own storage when they are an autograd intermediate (the lm_head
+output), and autograd is told (a later reader of the old values fails loudly); pass
+``inplace_backward=False`` to keep them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from qconv.errors import QconvError
+from qconv.kernels.inplace import bump_version, is_graph_intermediate
+from qconv.kernels.utils import check_device, is_interpreter, next_power_of_2
+
+#: Launch parameters (benchmarks may override them).
+TUNING = {"fwd_chunk": 16384, "fwd_warps": 16, "bwd_block": 8192, "bwd_warps": 8}
+INTERPRETER_CHUNK = 16384
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def cross_entropy_reference(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                            softcap: float | None = None, reduction: str = "mean") -> torch.Tensor:
+    """What transformers' causal-LM loss computes: upcast to (at least) float32, soft-cap, F.cross_entropy."""
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    return F.cross_entropy(x.reshape(-1, x.shape[-1]), labels.reshape(-1), ignore_index=ignore_index,
+                           reduction=reduction)
+
+
+@triton.jit
+def _tanh(x):
+    z = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - z) / (1.0 + z)
+    return tl.where(x >= 0, t, -t)
+
+
+@triton.jit
+def _ce_fwd_kernel(X, LABELS, LOSS, LSE, n_cols, stride_x, ignore_index, softcap,
+                   HAS_SOFTCAP: tl.constexpr, CHUNK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(LABELS + row).to(tl.int64)
+    if label == ignore_index:
+        tl.store(LOSS + row, 0.0)
+        tl.store(LSE + row, 0.0)
+        return
+    x_row = X + row * stride_x
+    m = -float("inf")
+    d = 0.0
+    for start in range(0, n_cols, CHUNK):
+        cols = start + tl.arange(0, CHUNK)
+        mask = cols < n_cols
+        x = tl.load(x_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
+        if HAS_SOFTCAP:
+            x = tl.where(mask, softcap * _tanh(x / softcap), -float("inf"))
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(d)
+    valid = (label >= 0) & (label < n_cols)
+    x_label = tl.load(x_row + tl.where(valid, label, 0)).to(tl.float32)
+    if HAS_SOFTCAP:
+        x_label = softcap * _tanh(x_label / softcap)
+    tl.store(LOSS + row, tl.where(valid, lse - x_label, float("nan")))  # a label out of range: NaN, loudly
+    tl.store(LSE + row, lse)
+
+
+@triton.jit
+def _ce_reduce_kernel(LOSS, LABELS, OUT, SCALE, n_rows, ignore_index, MEAN: tl.constexpr, BLOCK: tl.constexpr):
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    count = tl.zeros((BLOCK,), dtype=tl.int32)
+    for start in range(0, n_rows, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        mask = idx < n_rows
+        total += tl.load(LOSS + idx, mask=mask, other=0.0)
+        labels = tl.load(LABELS + idx, mask=mask, other=ignore_index).to(tl.int64)
+        count += (labels != ignore_index).to(tl.int32)
+    s = tl.sum(total, axis=0)
+    if MEAN:
+        n = tl.sum(count, axis=0).to(tl.float32)
+        tl.store(OUT, s / n)  # 0 / 0 = NaN when every token is ignored, like torch
+        tl.store(SCALE, 1.0 / n)
+    else:
+        tl.store(OUT, s)
+        tl.store(SCALE, 1.0)
+
+
+@triton.jit
+def _ce_bwd_kernel(X, DX, LABELS, LSE, GRAD, SCALE, n_cols, col_blocks, stride_x, stride_dx, stride_grad,
+                   ignore_index, softcap, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    row = (pid // col_blocks).to(tl.int64)
+    cols = (pid % col_blocks) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    dx_ptr = DX + row * stride_dx + cols
+    label = tl.load(LABELS + row).to(tl.int64)
+    if label == ignore_index:
+        tl.store(dx_ptr, tl.zeros((BLOCK,), dtype=tl.float32).to(DX.dtype.element_ty), mask=mask)
+        return
+    scale = tl.load(GRAD + row * stride_grad).to(tl.float32) * tl.load(SCALE)
+    lse = tl.load(LSE + row)
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SOFTCAP:
+        t = _tanh(x / softcap)
+        x = softcap * t
+    p = tl.exp(x - lse)
+    g = tl.where(cols == label, p - 1.0, p) * scale
+    if HAS_SOFTCAP:
+        g = g * (1.0 - t * t)
+    tl.store(dx_ptr, g.to(DX.dtype.element_ty), mask=mask)
+
+
+def _launch(n_cols: int, chunk_size: int | None) -> tuple[int, int, int, int]:
+    """(forward chunk, forward warps, backward block, backward warps)."""
+    cap = next_power_of_2(n_cols)
+    if is_interpreter():
+        chunk = min(chunk_size or INTERPRETER_CHUNK, cap)
+        return chunk, 4, min(INTERPRETER_CHUNK, cap), 4
+    chunk = min(chunk_size or TUNING["fwd_chunk"], cap)
+    warps = TUNING["fwd_warps"] if chunk_size is None else min(16, max(4, chunk // 1024))
+    return chunk, warps, min(TUNING["bwd_block"], cap), TUNING["bwd_warps"]
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """Autograd wrapper; saves the logits (no copy), labels and one logsumexp per row."""
+
+    @staticmethod
+    def forward(ctx, logits2, labels1, ignore_index, softcap, chunk_size, reduction, reuse):
+        n_rows, n_cols = logits2.shape
+        loss_rows = torch.empty(n_rows, dtype=torch.float32, device=logits2.device)
+        lse = torch.empty(n_rows, dtype=torch.float32, device=logits2.device)
+        chunk, warps, _, _ = _launch(n_cols, chunk_size)
+        has_softcap = softcap is not None
+        _ce_fwd_kernel[(n_rows,)](logits2, labels1, loss_rows, lse, n_cols, logits2.stride(0), ignore_index,
+                                  float(softcap or 1.0), HAS_SOFTCAP=has_softcap, CHUNK=chunk, num_warps=warps)
+        if reduction == "none":
+            loss, scale = loss_rows, torch.ones(1, dtype=torch.float32, device=logits2.device)
+        else:
+            loss = torch.empty((), dtype=torch.float32, device=logits2.device)
+            scale = torch.empty(1, dtype=torch.float32, device=logits2.device)
+            block = min(4096, next_power_of_2(n_rows))
+            _ce_reduce_kernel[(1,)](loss_rows, labels1, loss, scale, n_rows, ignore_index,
+                                    MEAN=reduction == "mean", BLOCK=block, num_warps=4)
+        ctx.save_for_backward(logits2, labels1, lse, scale)
+        ctx.ignore_index, ctx.softcap, ctx.chunk_size, ctx.reuse = ignore_index, softcap, chunk_size, reuse
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits2, labels1, lse, scale = ctx.saved_tensors
+        n_rows, n_cols = logits2.shape
+        dx = logits2 if ctx.reuse else torch.empty_like(logits2)
+        _, _, block, warps = _launch(n_cols, ctx.chunk_size)
+        col_blocks = triton.cdiv(n_cols, block)
+        grad = grad.contiguous()
+        _ce_bwd_kernel[(n_rows * col_blocks,)](logits2, dx, labels1, lse, grad, scale, n_cols, col_blocks,
+                                               logits2.stride(0), dx.stride(0), grad.stride(0) if grad.dim() else 0,
+                                               ctx.ignore_index, float(ctx.softcap or 1.0),
+                                               HAS_SOFTCAP=ctx.softcap is not None, BLOCK=block, num_warps=warps)
+        if ctx.reuse:
+            bump_version(logits2)
+            dx = dx.detach()
+        return dx, None, None, None, None, None, None
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                  softcap: float | None = None, chunk_size: int | None = None, *, reduction: str = "mean",
+                  inplace_backward: bool = True) -> torch.Tensor:
+    """Cross-entropy of ``logits [..., vocab]`` against ``labels [...]`` (see the module docstring).
+
+    ``chunk_size``: vocabulary entries per step of the forward loop (a power of two; default tuned).
+    ``reduction``: "mean" (default, over non-ignored tokens), "sum" or "none" (per token, 0 where ignored).
+    """
+    if reduction not in _REDUCTIONS:
+        raise QconvError(f"cross_entropy: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if chunk_size is not None and (chunk_size < 16 or chunk_size & (chunk_size - 1)):
+        raise QconvError(f"cross_entropy: chunk_size must be a power of two >= 16, got {chunk_size}")
+    if softcap is not None and not softcap > 0:
+        raise QconvError(f"cross_entropy: softcap must be positive, got {softcap}")
+    if logits.dim() < 1 or labels.numel() * logits.shape[-1] != logits.numel():
+        raise QconvError(f"cross_entropy: labels {tuple(labels.shape)} do not match logits {tuple(logits.shape)}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise QconvError(f"cross_entropy: labels must be integers, got {labels.dtype}")
+    if labels.numel() == 0:
+        return cross_entropy_reference(logits, labels, ignore_index, softcap, reduction)
+    check_device(logits, labels, name="cross_entropy")
+    logits2 = logits.reshape(-1, logits.shape[-1])
+    if logits2.stride(-1) != 1:
+        logits2 = logits2.contiguous()
+    labels1 = labels.reshape(-1).contiguous()
+    reuse = bool(inplace_backward and torch.is_grad_enabled() and is_graph_intermediate(logits)
+                 and logits2.data_ptr() == logits.data_ptr() and logits2.stride(0) >= logits2.shape[1])
+    loss = CrossEntropyFunction.apply(logits2, labels1, int(ignore_index), None if softcap is None else float(softcap),
+                                      chunk_size, reduction, reuse)
+    return loss.view(labels.shape) if reduction == "none" else loss
