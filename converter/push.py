@@ -37,6 +37,7 @@ class PushPlan:
     exists: bool = False
     identical: bool = False
     parent_commit: str | None = None
+    private: bool | None = None  # of the existing repo
     deletions: list[str] = field(default_factory=list)
 
     @property
@@ -74,8 +75,9 @@ def push_output(
     token = resolve_token(token)
     if token is None and not dry_run:
         raise QconvError("push: no Hugging Face token; pass --token, set HF_TOKEN, or run `hf auth login`")
-    with _hub_errors(repo_id or namespace or "the Hub", token):
+    with _hub_errors(repo_id or namespace or "the Hub", token) as errors:
         plan = plan_push(out_dir, repo_id=repo_id, namespace=namespace, token=token, overwrite=overwrite)
+        errors.where = plan.repo_id
         if dry_run:
             logger.info("dry run, nothing uploaded:\n%s", plan.describe())
             return plan.repo_id
@@ -180,7 +182,7 @@ def _compare_with_remote(plan: PushPlan, api, manifest: Manifest, overwrite: boo
         info = api.model_info(plan.repo_id)
     except RepositoryNotFoundError:
         return
-    plan.exists, plan.parent_commit = True, info.sha
+    plan.exists, plan.parent_commit, plan.private = True, info.sha, bool(info.private)
     remote = {s.rfilename for s in info.siblings or []} - HUB_HOUSEKEEPING
     if not remote:
         return  # an empty repo (e.g. created by an interrupted push)
@@ -218,6 +220,8 @@ def _upload(plan: PushPlan, *, private: bool, token: str) -> None:
     if not plan.exists:
         api.create_repo(plan.repo_id, private=private, exist_ok=True)
         logger.info("created %s/%s%s", plan.endpoint, plan.repo_id, " (private)" if private else "")
+    elif private and not plan.private:
+        logger.warning("%s already exists and is public; --private does not change an existing repo", plan.repo_id)
     operations = []
     for rel, (path, _, sha256) in sorted(plan.files.items()):
         op = CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path))
@@ -246,7 +250,7 @@ class _hub_errors:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc is None or isinstance(exc, QconvError):
+        if exc is None or isinstance(exc, QconvError) or not isinstance(exc, Exception):
             return False
         mapped = _map_error(exc, self.where)
         if mapped is None:
@@ -271,7 +275,7 @@ def _map_error(exc: BaseException, where: str) -> QconvError | None:
                           "and that the token has write permission")
     if status == 412:
         return QconvError(f"push to {where}: the repo changed while pushing (HTTP 412); re-run to retry")
-    if status is not None or any(type(e).__module__.startswith(("huggingface_hub", "httpx", "requests")) for e in chain):
+    if status is not None or any(_raised_in_hub_client(e) for e in chain):
         detail = "; ".join(dict.fromkeys((str(e).strip().splitlines() or [type(e).__name__])[0] for e in chain))
         return QconvError(f"push to {where} failed ({detail}); re-run the same command to resume")
     return None
@@ -279,6 +283,17 @@ def _map_error(exc: BaseException, where: str) -> QconvError | None:
 
 _NETWORK_ERRORS = frozenset({"ConnectError", "ConnectTimeout", "TimeoutException", "NetworkError", "ConnectionError",
                              "ConnectionRefusedError", "RemoteProtocolError", "ReadTimeout", "WriteError"})
+
+
+def _raised_in_hub_client(exc: BaseException) -> bool:
+    """True when ``exc`` comes from huggingface_hub or its HTTP stack (not from a bug of ours)."""
+    if type(exc).__module__.startswith(("huggingface_hub", "httpx", "requests", "hf_xet")):
+        return True
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    filename = tb.tb_frame.f_code.co_filename if tb is not None else ""
+    return any(part in filename for part in ("huggingface_hub", "httpx", "hf_xet"))
 
 
 def _chain(exc: BaseException) -> list[BaseException]:

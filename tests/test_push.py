@@ -126,7 +126,7 @@ def test_invalid_token(hub_server, output):
 
 @pytest.mark.parametrize("token, repo_id", [(READ_TOKEN, None), (OTHER_TOKEN, REPO)])
 def test_no_write_access(hub_server, output, token, repo_id):
-    with pytest.raises(QconvError, match="no write access.*403"):
+    with pytest.raises(QconvError, match=f"push to {REPO}: no write access.*403"):
         push(output, token=token, repo_id=repo_id)
     assert REPO not in hub_server.repos
 
@@ -167,6 +167,22 @@ def test_other_qconv_output_is_refused_identical_is_accepted(hub_server, output,
         push(changed)
     push(changed, overwrite=True)
     assert hub_server.files(REPO)["config.json"] == (changed / "config.json").read_bytes()
+
+
+def test_hub_side_rejection_is_a_clear_error(hub_server, output):
+    card = output / "README.md"
+    card.write_text("---\nlicense: [unclosed\n---\n# card\n")
+    manifest = read_manifest(output)
+    manifest.files["README.md"] = sha256_file(card)
+    write_manifest(output, manifest)
+    with pytest.raises(QconvError, match=f"push to {REPO} failed .*Invalid metadata in README.md"):
+        push(output)
+
+
+def test_private_is_not_applied_to_an_existing_public_repo(hub_server, output, caplog):
+    push(output)
+    push(output, private=True)
+    assert not hub_server.repos[REPO].private and "--private does not change an existing repo" in caplog.text
 
 
 def test_modified_output_is_refused(hub_server, output):
@@ -259,3 +275,4 @@ def test_default_repo_name():
     assert name("/data/models/SmolLM2-135M-Instruct.Q4_1.gguf") == "SmolLM2-135M-Instruct.Q4_1-bnb-4bit"
     assert name("C:\\models\\my model (v2)/") == "my-model-v2-bnb-4bit"
     assert name("") == "model-bnb-4bit"
+
