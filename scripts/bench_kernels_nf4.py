@@ -178,15 +178,20 @@ def bench_training(device: str, copy_gbps: float, log: Callable) -> list[dict]:
 # --------------------------------------------------------------------------------------------------
 # Launch-parameter sweeps (to choose the defaults in kernels/nf4_*.py)
 # --------------------------------------------------------------------------------------------------
-def sweep(device: str, copy_gbps: float, log: Callable) -> list[dict]:
+def _sweep_inputs(device: str):
     from qconv.kernels import nf4_dequantize as nd
-    from qconv.kernels import nf4_matmul as nm
 
-    rows = []
     n, k = BIG
     packed, qs = _quantized(n, k, device)
     f = nd._state_fields(qs)
-    data = nd._packed_bytes(packed, f["numel"])
+    return n, k, packed, qs, f, nd._packed_bytes(packed, f["numel"])
+
+
+def sweep_dequantize(device: str, copy_gbps: float, log: Callable) -> list[dict]:
+    from qconv.kernels import nf4_dequantize as nd
+
+    rows = []
+    n, k, packed, qs, f, data = _sweep_inputs(device)
     out = torch.empty(n * k, dtype=torch.bfloat16, device=device)
     nbytes = packed.numel() + qs.absmax.numel() + 2 * n * k
     for bpp, warps, pair in itertools.product((2048, 4096, 8192, 16384), (4, 8, 16), (True, False)):
@@ -194,6 +199,14 @@ def sweep(device: str, copy_gbps: float, log: Callable) -> list[dict]:
             lambda: nd._launch_dequantize(data, qs, f, out, bytes_per_program=bpp, num_warps=warps, pair=pair)))
         if ms:
             rows.append(_row("sweep dequantize", f"bytes={bpp} warps={warps} pair={pair}", "qconv", ms, nbytes, copy_gbps))
+    return rows
+
+
+def sweep_gemv(device: str, copy_gbps: float, log: Callable) -> list[dict]:
+    from qconv.kernels import nf4_matmul as nm
+
+    rows = []
+    n, k, packed, qs, f, data = _sweep_inputs(device)
     x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
     nbytes = packed.numel() + qs.absmax.numel() + 2 * (n + k)
     gemv_grid = [(bn, step, w, p) for bn, step in ((2, 1024), (4, 512), (4, 1024), (8, 256), (8, 512), (16, 128),
@@ -204,6 +217,14 @@ def sweep(device: str, copy_gbps: float, log: Callable) -> list[dict]:
             lambda: nm._gemv(x, data, qs, f, None, block_n=bn, step_bytes=step, num_warps=warps, pair=pair)))
         if ms:
             rows.append(_row("sweep gemv", f"block_n={bn} step={step} warps={warps} pair={pair}", "qconv", ms, nbytes, copy_gbps))
+    return rows
+
+
+def sweep_dot(device: str, copy_gbps: float, log: Callable) -> list[dict]:
+    from qconv.kernels import nf4_matmul as nm
+
+    rows = []
+    n, k, packed, qs, f, data = _sweep_inputs(device)
     x16 = torch.randn(16, k, device=device, dtype=torch.bfloat16)
     for bn, bk, warps, stages, pair in [(64, 128, 4, 3, True), (64, 128, 4, 3, False), (32, 128, 4, 3, True),
                                         (128, 128, 4, 3, True), (64, 256, 4, 3, True), (64, 64, 4, 3, True),
@@ -227,12 +248,15 @@ def bench_nf4(device: str = "cuda", *, copy_gbps: float | None = None, sweep_par
     if copy_gbps is None:
         copy_gbps = copy_bandwidth(device)
     rows = [_row("copy", "device-to-device 256 MiB", "torch copy_", 2 * (1 << 28) / copy_gbps / 1e6, 2 * (1 << 28), copy_gbps)]
-    for section in (bench_dequantize, bench_gemv, bench_rows, bench_training):
-        log(f"[bench_nf4] {section.__name__}")
-        rows += section(device, copy_gbps, log)
+    sections = [bench_dequantize, bench_gemv, bench_rows, bench_training]
     if sweep_params:
-        log("[bench_nf4] sweep")
-        rows += sweep(device, copy_gbps, log)
+        sections += [sweep_dequantize, sweep_gemv, sweep_dot]
+    for section in sections:
+        log(f"[bench_nf4] {section.__name__}")
+        new = section(device, copy_gbps, log)
+        for r in new:  # as they come: a run cut short still shows what it measured
+            log(f"  {r['section']} | {r['case']} | {r['impl']} | {r['ms']} ms | {r['gbps']} GB/s | {r['frac_copy']}")
+        rows += new
     return _with_ratios(rows)
 
 
