@@ -141,6 +141,8 @@ def replace_quantized_linears(
                 quant_type=quant_type,
                 quant_storage=storage,
             )
+        if module.bias is not None:
+            new.bias = module.bias  # keeps the skeleton's dtype
         new.source_cls = type(module)
         new.requires_grad_(False)
         model.set_submodule(module_name, new)
