@@ -304,9 +304,13 @@ def cache_key(source_revision: str, settings: QuantSettings) -> str:
 
 
 def safe_join(root: str | os.PathLike, relative: str) -> Path:
-    """Join a path read from a checkpoint (index, manifest) to its directory, refusing escapes."""
+    """Join a path read from a checkpoint (index, manifest) to its directory, refusing escapes.
+
+    The check is lexical (``..`` and absolute paths), so files that are symlinks, as in the Hugging Face
+    cache where each snapshot file links to ``../../blobs/<hash>``, are accepted.
+    """
     root_path = Path(root).resolve()
-    candidate = (root_path / relative).resolve()
+    candidate = Path(os.path.normpath(root_path / relative))
     if Path(relative).is_absolute() or (candidate != root_path and root_path not in candidate.parents):
         raise QconvError(f"{root}: path {relative!r} points outside the checkpoint directory")
     return candidate
