@@ -123,3 +123,8 @@ def read_all_headers(directory: Path) -> dict[str, TensorHeader]:
                 raise QconvError(f"tensor {name!r} is stored twice ({out[name].file.name} and {path.name})")
             out[name] = t
     return out
+
+
+def read_state_json(header: TensorHeader) -> dict:
+    """The packed quant-state JSON stored in a ``quant_state.bitsandbytes__*`` tensor (raises on bad bytes)."""
+    return json.loads(header.read_bytes().decode("utf-8"))

@@ -150,11 +150,6 @@ def _check_index(directory: Path, headers: dict[str, sth.TensorHeader], report: 
         report.problems.append(f"{fmt.INDEX_NAME}: does not list {name} ({headers[name].file.name})")
 
 
-def read_state_json(header: sth.TensorHeader) -> dict:
-    """The packed quant-state JSON stored in a ``quant_state.bitsandbytes__*`` tensor."""
-    return json.loads(header.read_bytes().decode("utf-8"))
-
-
 def _check_quantized(headers: dict[str, sth.TensorHeader], config: dict, report: VerifyReport) -> dict[str, dict]:
     """Check each quantized weight's state tensors; return weight name -> its packed quant-state JSON."""
     qc = config.get("quantization_config") or {}
@@ -165,7 +160,7 @@ def _check_quantized(headers: dict[str, sth.TensorHeader], config: dict, report:
     for weight, quant_type in sorted(fmt.quantized_weight_names(headers).items()):
         problems = report.problems
         try:
-            state = read_state_json(headers[f"{weight}.{fmt.packed_state_suffix(quant_type)}"])
+            state = sth.read_state_json(headers[f"{weight}.{fmt.packed_state_suffix(quant_type)}"])
             shape = [int(d) for d in state["shape"]]
             blocksize = int(state["blocksize"])
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:

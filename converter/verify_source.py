@@ -1,6 +1,6 @@
 """``qconv verify --source``: compare a converted checkpoint with the checkpoint it came from.
 
-Each quantized weight is dequantized with bitsandbytes (CPU) and its relative error
+Each quantized weight is dequantized (:func:`dequantize_reference`, bitsandbytes' layout) and its relative error
 ``||W - dequant(Q(W))|| / ||W||`` must stay below :data:`THRESHOLDS`; every kept tensor must equal the
 source tensor cast to its stored dtype, except embedding rows the tokenizer fixes changed or added
 (recorded in the manifest). Source tensors are read with safetensors, one at a time.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -126,12 +127,33 @@ def compare_with_source(report, headers: dict[str, sth.TensorHeader], quantized:
     report.counts["compared"] = len(used)
 
 
-def _compare_quantized(report, weight: str, state: dict, headers, load, src) -> None:
-    import bitsandbytes.functional as bnb_f
+def dequantize_reference(packed, quant_state):
+    """float32 dequantization of a bnb 4-bit weight, written out in torch (CPU, any shape or blocksize).
 
+    Not ``bitsandbytes.functional.dequantize_4bit``: its native CPU kernel (0.50.2) is wrong whenever the
+    last dimension is not a multiple of the blocksize (it restarts blocks at each row), e.g. a 100x64
+    weight at blocksize 128. This follows bitsandbytes' layout: high nibble first, per-block absmax over the
+    flattened weight, double-quantized absmax = nested code[absmax] * nested absmax + offset.
+    """
+    import torch
+
+    n = math.prod(quant_state.shape)
+    data = packed.reshape(-1).view(torch.uint8)
+    codes = torch.stack([data >> 4, data & 0xF], dim=1).reshape(-1)[:n].long()
+    absmax = quant_state.absmax
+    if quant_state.nested:
+        nested = quant_state.state2
+        scaled = nested.code.float()[absmax.long()]
+        block = torch.arange(scaled.numel()) // nested.blocksize
+        absmax = scaled * nested.absmax.float()[block] + float(quant_state.offset)
+    scale = absmax.float().repeat_interleave(quant_state.blocksize)[:n]
+    return (quant_state.code.float()[codes] * scale).reshape(tuple(quant_state.shape))
+
+
+def _compare_quantized(report, weight: str, state: dict, headers, load, src) -> None:
     names = [weight] + fmt.state_tensor_names(weight, state["quant_type"], "nested_blocksize" in state)
     tensors = {n: load(headers[n].file, n) for n in names}
-    deq = bnb_f.dequantize_4bit(tensors[weight], fmt.unpack_quant_state(weight, tensors)).float()
+    deq = dequantize_reference(tensors[weight], fmt.unpack_quant_state(weight, tensors))
     ref = src.float()
     if tuple(deq.shape) != tuple(ref.shape):
         report.problems.append(f"{weight}: shape {list(deq.shape)}, the source has {list(ref.shape)}")
