@@ -105,7 +105,8 @@ def convert(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    logger.info("wrote %s: %s", out, format_summary(stats))
+    logger.info("wrote %s", out)  # the CLI echoes the summary line; the stats are in the manifest
+    logger.debug("%s: %s", out, format_summary(stats))
     return ConvertResult(out_dir=out, manifest=manifest, stats=stats)
 
 

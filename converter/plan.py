@@ -95,17 +95,22 @@ def build_skeleton(hf_config, settings: QuantSettings):
     from transformers.quantizers.auto import AutoHfQuantizer
 
     dtype = getattr(torch, settings.compute_dtype)
-    with torch.device("meta"):
-        try:
-            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-        except TypeError:  # older transformers spell it torch_dtype
-            model = AutoModelForCausalLM.from_config(hf_config, torch_dtype=dtype)
-    quantizer = AutoHfQuantizer.from_config(settings.bnb_config(), pre_quantized=False)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # as in from_pretrained: new modules (Linear4bit biases) get this dtype
     try:
-        quantizer.preprocess_model(model=model, dtype=dtype, device_map={"": "cpu"}, checkpoint_files=None,
-                                   use_kernels=False)
-    except TypeError:  # keyword set differs between transformers versions
-        quantizer.preprocess_model(model=model, device_map={"": "cpu"})
+        with torch.device("meta"):
+            try:
+                model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+            except TypeError:  # older transformers spell it torch_dtype
+                model = AutoModelForCausalLM.from_config(hf_config, torch_dtype=dtype)
+            quantizer = AutoHfQuantizer.from_config(settings.bnb_config(), pre_quantized=False)
+            try:
+                quantizer.preprocess_model(model=model, dtype=dtype, device_map={"": "cpu"}, checkpoint_files=None,
+                                           use_kernels=False)
+            except TypeError:  # keyword set differs between transformers versions
+                quantizer.preprocess_model(model=model, device_map={"": "cpu"})
+    finally:
+        torch.set_default_dtype(previous)
     return model, quantizer
 
 

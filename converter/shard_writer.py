@@ -115,10 +115,11 @@ class ShardWriter:
         self._raise_if_failed()
         total = len(self._written)
         files: dict[str, str] = {}
-        for shard in self._written:
+        for shard in self._written:  # hash first: the hash threads read the files by their temp names
+            digest = self._hashes[shard.number].result()
             final = shard_name(shard.number, total)
             (self.directory / shard.temp_name).rename(self.directory / final)
-            files[final] = self._hashes[shard.number].result()
+            files[final] = digest
         self._hash_pool.shutdown(wait=True)
         weight_map = {k: shard_name(n, total) for k, n in sorted(self._weight_map.items())}
         if total > 1:
