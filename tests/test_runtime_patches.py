@@ -1,0 +1,143 @@
+"""The patch mechanism (registry, class swaps, RoPE dispatcher, loss) with stand-in kernels on the CPU.
+
+The stand-ins are plain PyTorch versions of the qconv.kernels contracts, so these tests check the wiring,
+not the kernels: patched logits/loss must match unpatched ones (float32, tolerance 1e-5), other models
+must stay stock, and a model with no available kernels must be left untouched.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qconv import runtime
+from qconv.runtime import patches
+from qconv.runtime.patches import modules as patch_modules
+
+CALLS: dict[str, int] = {}
+
+
+def _count(name):
+    CALLS[name] = CALLS.get(name, 0) + 1
+
+
+def fake_rms_norm(x, weight, eps, offset=0.0):
+    _count("rms_norm")
+    x32 = x.float()
+    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * (offset + weight.float())).to(x.dtype)
+
+
+def fake_swiglu(gate, up):
+    _count("swiglu")
+    return F.silu(gate) * up
+
+
+def fake_geglu(gate, up, approximate="tanh"):
+    _count("geglu")
+    return F.gelu(gate, approximate=approximate) * up
+
+
+def fake_apply_rope(q, k, cos, sin):
+    _count("rope")
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def rot(x):
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    return q * cos + rot(q) * sin, k * cos + rot(k) * sin
+
+
+def fake_cross_entropy(logits, labels, ignore_index=-100, softcap=None):
+    _count("cross_entropy")
+    return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index)
+
+
+FAKES = {"rms_norm": fake_rms_norm, "swiglu": fake_swiglu, "geglu": fake_geglu, "rope": fake_apply_rope,
+         "cross_entropy": fake_cross_entropy}
+
+
+@pytest.fixture
+def fake_kernels(monkeypatch):
+    monkeypatch.setattr(patches, "kernel", lambda op: FAKES[op])
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # patches apply on the CPU only under the interpreter
+    CALLS.clear()
+    return CALLS
+
+
+def _loss_and_logits(model, seed=0):
+    ids = torch.randint(0, 384, (2, 11), generator=torch.Generator().manual_seed(seed))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    out = model(input_ids=ids, labels=labels)
+    out.loss.backward()
+    return out.loss.detach(), out.logits.detach()
+
+
+@pytest.mark.parametrize("arch,mlp_op", [("llama", "swiglu"), ("gemma2", "geglu")])
+def test_patched_matches_stock(quantized_checkpoint_factory, fake_kernels, arch, mlp_op):
+    directory = quantized_checkpoint_factory(arch)
+    stock, _ = runtime.from_pretrained(directory, dtype=torch.float32, patch=False)
+    model, _ = runtime.from_pretrained(directory, dtype=torch.float32, patch=True)
+    assert model._qconv["patched"] == ["rms_norm", mlp_op, "rope", "cross_entropy"]
+    assert stock._qconv["patched"] == []
+    layer = model.model.layers[0]
+    stock_layer = stock.model.layers[0]
+    assert type(layer.mlp).__name__.startswith("Qconv") and isinstance(layer.mlp, type(stock_layer.mlp))
+    assert type(stock_layer.mlp).__name__ == type(layer.mlp).__mro__[1].__name__  # the other model is stock
+    assert set(model.state_dict()) == set(stock.state_dict())
+
+    stock_loss, stock_logits = _loss_and_logits(stock)
+    assert not CALLS, "an unpatched model must never reach a qconv kernel"
+    loss, out = _loss_and_logits(model)
+    assert CALLS["rms_norm"] > 0 and CALLS[mlp_op] == 2 and CALLS["rope"] == 2 and CALLS["cross_entropy"] == 1
+    torch.testing.assert_close(out, stock_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, stock_loss, rtol=1e-5, atol=1e-5)
+    g, sg = model.model.norm.weight.grad, stock.model.norm.weight.grad
+    assert g is not None and g.abs().sum() > 0
+    torch.testing.assert_close(g, sg, rtol=1e-4, atol=1e-5)
+
+    patch_modules.unpatch_model(model)
+    assert type(model.model.layers[0].mlp) is type(stock_layer.mlp)
+    CALLS.clear()
+    torch.testing.assert_close(_loss_and_logits(model)[1], stock_logits, rtol=0, atol=0)
+    assert not CALLS
+
+
+def test_loss_honours_num_items_in_batch(fake_kernels):
+    loss = patch_modules.causal_lm_loss(fake_cross_entropy)
+    logits = torch.randn(2, 5, 7)
+    labels = torch.tensor([[1, 2, -100, 3, 4], [0, -100, -100, 6, 5]])
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    for n in (None, torch.tensor(11)):
+        torch.testing.assert_close(loss(logits, labels, 7, num_items_in_batch=n), ForCausalLMLoss(logits, labels, 7, num_items_in_batch=n))
+
+
+def test_no_kernels_means_no_change(quantized_checkpoint_factory, monkeypatch):
+    monkeypatch.setattr(patches, "kernel", lambda op: None)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    model, _ = runtime.from_pretrained(quantized_checkpoint_factory("llama"), patch=True)
+    assert model._qconv["patched"] == []
+    assert not any(type(m).__name__.startswith("Qconv") for m in model.modules())
+    assert not hasattr(model, "_loss_function")
+
+
+def test_registry_and_unknown_family():
+    assert {"llama", "mistral", "qwen2", "gemma2"} <= set(patches.REGISTRY) | {
+        t for t in ("llama", "mistral", "qwen2", "gemma2") if patches.patch_for(t)
+    }
+    assert patches.patch_for("gemma2").rms_norm_offset == 1.0
+    assert patches.patch_for("bert") is None
+
+
+def test_kernel_lookup_matches_what_exists():
+    import importlib.util
+
+    from qconv import kernels
+
+    for op, name in patches.OPS.items():
+        exists = importlib.util.find_spec(f"qconv.kernels.{kernels._EXPORTS[name]}") is not None
+        assert (patches.kernel(op) is not None) == exists, op
