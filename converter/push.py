@@ -111,6 +111,20 @@ def default_repo_name(manifest: Manifest) -> str:
     return name[: 96 - len(REPO_SUFFIX)] + REPO_SUFFIX
 
 
+def describe_source(manifest: Manifest) -> tuple[str, str]:
+    """(source, revision) for the commit message: a Hub id and commit, or a local name and content hash.
+
+    Local paths are reduced to their last component, so a commit never shows the converting machine's paths.
+    """
+    src = manifest.source or {}
+    ident = str(src.get("id") or "unknown source")
+    if src.get("kind") in ("dir", "gguf") or (src.get("kind") is None and not src.get("revision")):
+        ident = re.split(r"[/\\]", ident.rstrip("/\\"))[-1] or ident
+        sha = src.get("sha256")
+        return ident, f"sha256:{sha[:12]}" if sha else f"local {src.get('kind') or 'files'}"
+    return ident, str(src.get("revision") or "unknown revision")
+
+
 def local_files(out_dir: Path, manifest: Manifest) -> dict[str, tuple[Path, int, str]]:
     """Every file to upload (hidden entries skipped), checked against the manifest's sha256 values."""
     found: dict[str, tuple[Path, int, str]] = {}
@@ -158,8 +172,7 @@ def plan_push(out_dir: Path, *, repo_id: str | None, namespace: str | None, toke
     if repo_id.count("/") != 1:
         raise QconvError(f"--repo-id: {repo_id!r} must be <namespace>/<name>")
 
-    source = manifest.source.get("id") or "unknown source"
-    revision = manifest.source.get("revision") or "local"
+    source, revision = describe_source(manifest)
     settings = manifest.settings
     plan = PushPlan(
         repo_id=repo_id,

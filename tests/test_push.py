@@ -276,3 +276,14 @@ def test_default_repo_name():
     assert name("C:\\models\\my model (v2)/") == "my-model-v2-bnb-4bit"
     assert name("") == "model-bnb-4bit"
 
+
+
+def test_commit_message_names_source_revision_and_version_without_local_paths():
+    from qconv.converter.push import describe_source
+
+    def describe(**source):
+        return describe_source(Manifest(source=source, settings={}))
+
+    assert describe(kind="hub", id="org/model", revision="a" * 40) == ("org/model", "a" * 40)
+    assert describe(kind="dir", id="/home/me/secret/llama", revision=None, sha256="f" * 64) == ("llama", "sha256:ffffffffffff")
+    assert describe(kind="gguf", id="SmolLM2.Q4_1.gguf", revision=None) == ("SmolLM2.Q4_1.gguf", "local gguf")
