@@ -287,3 +287,41 @@ def test_commit_message_names_source_revision_and_version_without_local_paths():
     assert describe(kind="hub", id="org/model", revision="a" * 40) == ("org/model", "a" * 40)
     assert describe(kind="dir", id="/home/me/secret/llama", revision=None, sha256="f" * 64) == ("llama", "sha256:ffffffffffff")
     assert describe(kind="gguf", id="SmolLM2.Q4_1.gguf", revision=None) == ("SmolLM2.Q4_1.gguf", "local gguf")
+
+
+def test_cli_convert_push_then_snapshot_download_is_byte_identical(hub_server, tiny_checkpoint_factory, tmp_path,
+                                                                   monkeypatch):
+    from click.testing import CliRunner
+
+    from qconv.converter.cli import main
+
+    out = tmp_path / "tiny-bnb-4bit"
+    monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
+    args = ["convert", str(tiny_checkpoint_factory("llama")), "--out", str(out), "--no-progress",
+            "--push", "--repo-id", "alice/tiny-bnb-4bit"]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "pushed to alice/tiny-bnb-4bit" in result.output and WRITE_TOKEN not in result.output
+    assert_same_files(out, snapshot("alice/tiny-bnb-4bit"))
+    message = hub_server.repos["alice/tiny-bnb-4bit"].head["message"]
+    assert "Convert src-llama" in message and "sha256:" in message and __version__ in message
+    assert str(tmp_path) not in message and "/" not in message.split(" to ")[0]
+
+    result = CliRunner().invoke(main, [*args[:2], "--out", str(tmp_path / "again"), "--no-progress", "--push",
+                                       "--repo-id", "alice/tiny-bnb-4bit", "--token", "hf_bad"])
+    assert result.exit_code == 1 and "rejected the token" in result.output and "hf_bad" not in result.output
+
+
+def test_cli_push_dry_run_uploads_nothing(hub_server, tiny_checkpoint_factory, tmp_path, caplog):
+    from click.testing import CliRunner
+
+    from qconv.converter.cli import main
+
+    caplog.set_level(logging.INFO, logger="qconv")
+    args = ["convert", str(tiny_checkpoint_factory("llama")), "--out", str(tmp_path / "o"), "--no-progress",
+            "--push", "--dry-run", "--namespace", "qconv-org", "--token", WRITE_TOKEN]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "would push to qconv-org/src-llama" in result.output
+    assert "model.safetensors" in caplog.text and "new repo" in caplog.text
+    assert not hub_server.repos and hub_server.count("commit") == 0
