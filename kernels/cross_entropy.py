@@ -38,8 +38,9 @@ def cross_entropy_reference(logits: torch.Tensor, labels: torch.Tensor, ignore_i
     x = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if softcap is not None:
         x = softcap * torch.tanh(x / softcap)
-    return F.cross_entropy(x.reshape(-1, x.shape[-1]), labels.reshape(-1), ignore_index=ignore_index,
+    loss = F.cross_entropy(x.reshape(-1, x.shape[-1]), labels.reshape(-1), ignore_index=ignore_index,
                            reduction=reduction)
+    return loss.view(labels.shape) if reduction == "none" else loss
 
 
 @triton.jit
