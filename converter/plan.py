@@ -73,7 +73,7 @@ def refuse_quantized_source(config: Mapping[str, Any], infos: Mapping[str, Tenso
 def transformers_config(config: Mapping[str, Any], where: str):
     """A transformers config object for a causal LM, or a QconvError saying why not."""
     from transformers import CONFIG_MAPPING
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers.models.auto import modeling_auto as auto
 
     model_type = config.get("model_type")
     if not model_type or model_type not in CONFIG_MAPPING:
@@ -84,8 +84,13 @@ def transformers_config(config: Mapping[str, Any], where: str):
             "(custom code is never run; upgrade transformers if the architecture is new)"
         )
     cfg = CONFIG_MAPPING[model_type].from_dict(dict(config))
-    if type(cfg) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+    if type(cfg) not in auto.MODEL_FOR_CAUSAL_LM_MAPPING:
         raise QconvError(f"{where}: model_type {model_type!r} is not a causal language model (AutoModelForCausalLM has no class for it)")
+    # Encoders (BERT, RoBERTa...) and encoder-decoders also have a *ForCausalLM head class in transformers,
+    # but a checkpoint of theirs is not a decoder-only LM unless its config says is_decoder.
+    encoders = set(auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES) | set(auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
+    if model_type in encoders and not config.get("is_decoder", False):
+        raise QconvError(f"{where}: model_type {model_type!r} is an encoder model, not a causal language model")
     return cfg
 
 

@@ -1,0 +1,176 @@
+"""The output directory: files, manifest, atomic install, --overwrite, interrupted runs, the CLI summary."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from qconv.converter.cli import main
+from qconv.converter.convert import convert
+from qconv.errors import QconvError
+from qconv.format import MANIFEST_NAME, QuantSettings, quantization_config, read_manifest, sha256_file
+
+
+@pytest.fixture(scope="module")
+def src(tiny_checkpoint_factory) -> Path:
+    return tiny_checkpoint_factory("qwen2", max_shard_size="100KB")  # a sharded source with an index
+
+
+@pytest.fixture(scope="module")
+def converted(src, tmp_path_factory):
+    out = tmp_path_factory.mktemp("conv") / "out"
+    return convert(src, out, device="cpu", progress=False, max_shard_size="50KB")
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if ".qconv-" in p.name)
+
+
+def test_output_files(converted, src):
+    out = converted.out_dir
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "generation_config.json", "README.md", MANIFEST_NAME,
+            "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json"} <= names
+    assert any(n.startswith("model-00001-of-") for n in names)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"] == quantization_config(QuantSettings())
+    assert config["dtype"] == "bfloat16"
+    assert not _leftovers(out.parent)
+
+
+def test_manifest(converted, src):
+    out = converted.out_dir
+    manifest = read_manifest(out)
+    assert manifest is not None and manifest.schema_version == 1 and manifest.qconv_version
+    assert manifest.settings == QuantSettings().to_dict()
+    # every written file but the manifest itself, with its real sha256
+    on_disk = {p.name for p in out.iterdir() if p.is_file()} - {MANIFEST_NAME}
+    assert set(manifest.files) == on_disk
+    for name, digest in manifest.files.items():
+        assert sha256_file(out / name) == digest, name
+    # local source: id + content hash over its files (sha256sum style)
+    source = manifest.source
+    assert source["kind"] == "dir" and source["id"] == str(src.resolve()) and source["revision"] is None
+    files = {p.name: sha256_file(p) for p in src.iterdir() if p.is_file()}
+    assert source["files"] == files
+    blob = "".join(f"{files[n]}  {n}\n" for n in sorted(files))
+    assert source["sha256"] == hashlib.sha256(blob.encode()).hexdigest()
+    stats = manifest.stats
+    assert stats == converted.stats
+    assert stats["quantized_tensors"] == 14 and stats["kept_tensors"] > 0 and stats["params"] > 0
+    assert stats["shards"] > 1 and 4 < stats["bits_per_param"] < 16
+    assert isinstance(manifest.tokenizer_fixes, list)
+
+
+def test_bin_source_gives_identical_tensors(converted, src, tmp_path):
+    """A ``pytorch_model.bin`` source (weights_only load) converts to the same bytes as safetensors."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    bin_src = tmp_path / "bin-src"
+    bin_src.mkdir()
+    state = {}
+    for f in src.glob("*.safetensors"):
+        state.update(load_file(f))
+    torch.save(state, bin_src / "pytorch_model.bin")
+    for f in src.iterdir():
+        if f.suffix == ".json" and "index" not in f.name:
+            shutil.copy(f, bin_src / f.name)
+    out = convert(bin_src, tmp_path / "bin-out", device="cpu", progress=False).out_dir
+
+    def tensors(d):
+        found = {}
+        for f in d.glob("*.safetensors"):
+            with safe_open(str(f), framework="pt") as h:
+                found.update({k: h.get_tensor(k) for k in h.keys()})
+        return found
+
+    a, b = tensors(out), tensors(converted.out_dir)
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)), k
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+def _fail_after(monkeypatch, n: int, exc: BaseException) -> None:
+    from qconv.converter import quantize
+
+    original = quantize.Quantizer.quantize
+    calls = {"n": 0}
+
+    def failing(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > n:
+            raise exc
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(quantize.Quantizer, "quantize", failing)
+
+
+@pytest.mark.parametrize("exc", [_Boom("injected"), KeyboardInterrupt()])
+def test_interrupted_run_leaves_nothing(src, tmp_path, monkeypatch, exc):
+    _fail_after(monkeypatch, 5, exc)
+    out = tmp_path / "out"
+    with pytest.raises(type(exc)):
+        convert(src, out, device="cpu", progress=False, max_shard_size="20KB")  # some shards already written
+    assert not out.exists()
+    assert not _leftovers(tmp_path)
+
+
+def test_failed_overwrite_keeps_the_old_output(src, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("previous result")
+    _fail_after(monkeypatch, 3, _Boom("injected"))
+    with pytest.raises(_Boom):
+        convert(src, out, device="cpu", progress=False, overwrite=True)
+    assert (out / "old.txt").read_text() == "previous result"
+    assert not _leftovers(tmp_path)
+
+
+def test_overwrite_replaces(converted, src, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("previous result")
+    result = convert(src, out, device="cpu", progress=False, overwrite=True, max_shard_size="50KB")
+    assert not (out / "old.txt").exists()
+    def deterministic(files):  # the same bytes as the first conversion (the card may differ)
+        return {k: v for k, v in files.items() if k != "README.md"}
+
+    assert deterministic(read_manifest(out).files) == deterministic(converted.manifest.files)
+    assert result.out_dir == out and not _leftovers(tmp_path)
+
+
+def test_writer_failure_is_reported(src, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(QconvError, match="No space left"):
+        convert(src, tmp_path / "out", device="cpu", progress=False)
+    assert not (tmp_path / "out").exists() and not _leftovers(tmp_path)
+
+
+def test_cli_converts_and_prints_the_summary(src, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["convert", str(src), "--no-progress", "--device", "cpu", "--fp4",
+                                       "--no-double-quant", "--blocksize", "128", "--no-fix-tokenizer"])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / f"{src.name}-bnb-4bit"  # the default --out
+    manifest = read_manifest(out)
+    assert manifest.quant_settings == QuantSettings(quant_type="fp4", blocksize=128, double_quant=False)
+    assert all(not f["applied"] for f in manifest.tokenizer_fixes)
+    line = result.stdout.strip().splitlines()[-1]
+    for fragment in ("params", "->", "bits/param", " s on cpu", str(out)):
+        assert fragment in line, line
