@@ -109,7 +109,8 @@ def render_card(manifest: Manifest, config: dict, source_card: str | None = None
     source = manifest.source or {}
     kind = source.get("kind")
     shown = f"[{name}](https://huggingface.co/{name})" if "base_model" in _header(manifest, None) else f"`{name}`"
-    arch = ", ".join(config.get("architectures") or []) or config.get("model_type", "")
+    arch = (", ".join(config.get("architectures") or []) or (manifest.stats or {}).get("model_class")
+            or config.get("model_type", ""))
     lines = ["---", yaml.safe_dump(_header(manifest, source_card), sort_keys=False).rstrip(), "---", "",
              f"# {short} (bitsandbytes 4-bit)", "",
              f"{shown} quantized to {settings.quant_type.upper()} with bitsandbytes"

@@ -55,7 +55,8 @@ def inspect_checkpoint(directory: str | Path) -> dict[str, Any]:
 
     return {
         "directory": directory.name,
-        "architecture": ", ".join(config.get("architectures") or []) or None,
+        "architecture": ", ".join(config.get("architectures") or [])
+        or ((manifest.stats or {}).get("model_class") if manifest else None),
         "model_type": config.get("model_type"),
         "layers": config.get("num_hidden_layers"),
         "hidden_size": config.get("hidden_size"),
