@@ -16,6 +16,13 @@ What is fixed (with ``fix=True``) and what is only recorded:
 - chat template, double BOS, slow/fast disagreement -> recorded only (see :mod:`.tokenizer_checks`).
 
 With ``fix=False`` every finding is still recorded (``applied=False``) and nothing changes.
+
+Records (``TokenizerFix.kind``: ``before`` -> ``after``), read by the runtime's replay and by ``qconv verify``:
+``pad_token``: ``{token, id}`` -> ``{token, id, added[, tensors]}``; ``pad_token_id``: ``{config[,
+generation_config]}`` -> id; ``padding_side``: side -> ``"right"``; ``added_tokens_out_of_range``:
+``{rows, ids, tokens}`` -> ``{rows, tensors}``; ``untrained_rows``: ``{tensor, ids, tokens, norms}`` ->
+``{tensor, ids, norms}`` (or None); ``chat_template``, ``bos``, ``slow_fast``, ``tokenizer``: findings only.
+``tensors`` names the embeddings whose rows were added or replaced.
 """
 
 from __future__ import annotations
@@ -288,8 +295,8 @@ def _plan_pad(plan, tokenizer, config, generation_config, rows: int, fix: bool, 
         applied = fix and (can_grow or choice.id < rows)
         plan.fixes.append(TokenizerFix(
             "pad_token", f"{problem}; pad token: {choice.token} (id {choice.id}, {choice.reason})",
-            before={"pad_token": pad, "pad_token_id": pad_id},
-            after={"pad_token": choice.token, "pad_token_id": choice.id, "added": choice.new},
+            before={"token": pad, "id": pad_id},
+            after={"token": choice.token, "id": choice.id, "added": choice.new},
             applied=applied,
         ))
         if not applied:

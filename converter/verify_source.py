@@ -60,7 +60,7 @@ def changed_rows(manifest: fmt.Manifest | None) -> tuple[dict[str, set[int]], se
             grown.update(after["tensors"])
             if fix.get("kind") == "pad_token" and after.get("added"):
                 for name in after["tensors"]:
-                    rows[name].add(int(after["pad_token_id"]))
+                    rows[name].add(int(after["id"]))
     return rows, grown
 
 

@@ -101,7 +101,7 @@ def test_end_to_end_cli_new_pad_token(tmp_path):
     assert result.exit_code == 0, result.output
 
     fixes = {f["kind"]: f for f in fmt.read_manifest(out).tokenizer_fixes}
-    assert fixes["pad_token"]["applied"] and fixes["pad_token"]["after"]["pad_token"] == "<|pad|>"
+    assert fixes["pad_token"]["applied"] and fixes["pad_token"]["after"]["token"] == "<|pad|>"
     assert fixes["untrained_rows"]["applied"] and fixes["untrained_rows"]["before"]["ids"] == [5]
     tok = AutoTokenizer.from_pretrained(out)
     assert (tok.pad_token, tok.pad_token_id) == ("<|pad|>", rows)

@@ -75,8 +75,8 @@ def test_missing_pad_prefers_dedicated_pad_token_and_syncs_configs(tmp_path):
     rows = 32
     plan = plan_tokenizer_fixes(src, config_for(rows), reader(tensors_for(rows)))
     fix = kinds(plan)["pad_token"]
-    assert fix.applied and fix.before == {"pad_token": None, "pad_token_id": None}
-    assert fix.after == {"pad_token": "<pad>", "pad_token_id": 4, "added": False}
+    assert fix.applied and fix.before == {"token": None, "id": None}
+    assert fix.after == {"token": "<pad>", "id": 4, "added": False}
     assert plan.config_updates == {"pad_token_id": 4}
     assert plan.generation_config_updates == {"pad_token_id": 4}
     assert plan.tensor_transforms == {}  # an existing token: no tensor changes
@@ -89,8 +89,8 @@ def test_pad_equal_to_eos_moves_to_reserved_token(tmp_path):
                                                       "<|reserved_special_token_1|>"), pad="</s>")
     plan = plan_tokenizer_fixes(src, config_for(32, pad_token_id=2), reader(tensors_for(32)))
     fix = kinds(plan)["pad_token"]
-    assert "EOS" in fix.detail and fix.before == {"pad_token": "</s>", "pad_token_id": 2}
-    assert fix.after["pad_token"] == "<|reserved_special_token_3|>"  # lowest id among reserved tokens
+    assert "EOS" in fix.detail and fix.before == {"token": "</s>", "id": 2}
+    assert fix.after["token"] == "<|reserved_special_token_3|>"  # lowest id among reserved tokens
     assert plan.config_updates["pad_token_id"] == 3
 
 
@@ -99,10 +99,10 @@ def test_pad_falls_back_to_unk_and_never_to_an_eos_listed_in_generation_config(t
     # <|endoftext|> (id 3) is an EOS of this model per generation_config: it must not become the pad token
     (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 3]}))
     plan = plan_tokenizer_fixes(src, config_for(32), reader(tensors_for(32)))
-    assert kinds(plan)["pad_token"].after["pad_token"] == "<unk>"
+    assert kinds(plan)["pad_token"].after["token"] == "<unk>"
     (src / "generation_config.json").write_text(json.dumps({"eos_token_id": 2}))
     plan = plan_tokenizer_fixes(src, config_for(32), reader(tensors_for(32)))
-    assert kinds(plan)["pad_token"].after["pad_token"] == "<|endoftext|>"
+    assert kinds(plan)["pad_token"].after["token"] == "<|endoftext|>"
 
 
 def test_new_pad_token_grows_embeddings_by_one_mean_row(tmp_path):
@@ -111,7 +111,7 @@ def test_new_pad_token_grows_embeddings_by_one_mean_row(tmp_path):
     tensors = tensors_for(rows)
     plan = plan_tokenizer_fixes(src, config_for(rows, bos_token_id=0, eos_token_id=1), reader(tensors))
     fix = kinds(plan)["pad_token"]
-    assert fix.after == {"pad_token": "<|pad|>", "pad_token_id": rows, "added": True,
+    assert fix.after == {"token": "<|pad|>", "id": rows, "added": True,
                          "tensors": ["lm_head.weight", "model.embed_tokens.weight"]}
     assert plan.config_updates == {"pad_token_id": rows, "vocab_size": rows + 1}
     assert set(plan.tensor_transforms) == {"model.embed_tokens.weight", "lm_head.weight"}
@@ -130,7 +130,7 @@ def test_new_pad_token_in_a_free_row_sets_that_row_to_the_mean(tmp_path):
     tensors = tensors_for(rows, tied=True)
     plan = plan_tokenizer_fixes(src, config_for(rows, tied=True, bos_token_id=0, eos_token_id=1), reader(tensors))
     new_id = 2 + len(WORDS)
-    assert kinds(plan)["pad_token"].after["pad_token_id"] == new_id
+    assert kinds(plan)["pad_token"].after["id"] == new_id
     assert "vocab_size" not in plan.config_updates and set(plan.tensor_transforms) == {"model.embed_tokens.weight"}
     out = plan.tensor_transforms["model.embed_tokens.weight"](tensors["model.embed_tokens.weight"])
     emb = tensors["model.embed_tokens.weight"]
@@ -157,7 +157,7 @@ def test_pad_id_and_added_tokens_beyond_embedding_rows(tmp_path):
     found = kinds(plan)
     assert found["added_tokens_out_of_range"].before == {"rows": rows, "ids": [rows, rows + 1], "tokens": ["<tool>", "<pad>"]}
     assert found["added_tokens_out_of_range"].after == {"rows": rows + 2, "tensors": ["lm_head.weight", "model.embed_tokens.weight"]}
-    assert "outside" in found["pad_token"].detail and found["pad_token"].after["pad_token"] == "<unk>"
+    assert "outside" in found["pad_token"].detail and found["pad_token"].after["token"] == "<unk>"
     assert plan.config_updates["vocab_size"] == rows + 2
     assert plan.tensor_transforms["lm_head.weight"](tensors["lm_head.weight"]).shape == (rows + 2, HIDDEN)
 
@@ -304,8 +304,8 @@ def test_smollm2_tokenizer_and_embeddings(smollm2_gguf, tmp_path):
                   pad_token_id=2)
     plan = plan_tokenizer_fixes(src, config, reader({"model.embed_tokens.weight": embed}), fix_untrained=True)
     found = kinds(plan)
-    assert found["pad_token"].before == {"pad_token": "<|im_end|>", "pad_token_id": 2}
-    assert found["pad_token"].after == {"pad_token": "<|endoftext|>", "pad_token_id": 0, "added": False}
+    assert found["pad_token"].before == {"token": "<|im_end|>", "id": 2}
+    assert found["pad_token"].after == {"token": "<|endoftext|>", "id": 0, "added": False}
     assert plan.config_updates == {"pad_token_id": 0} and plan.generation_config_updates == {"pad_token_id": 0}
     assert {"chat_template", "bos", "added_tokens_out_of_range"}.isdisjoint(found)  # template has the branch
     untrained = found["untrained_rows"]
