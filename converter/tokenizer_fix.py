@@ -8,7 +8,7 @@ files, and stores ``[f.to_dict() for f in plan.fixes]`` in the manifest's ``toke
 What is fixed (with ``fix=True``) and what is only recorded:
 
 - pad token missing, equal to an EOS id, or outside the embedding rows -> a pad token is chosen by
-  :func:`choose_pad_token` (fixed); ``pad_token_id`` of config.json and generation_config.json follow it;
+  :func:`~qconv.converter.pad_choice.choose_pad_token` (fixed); ``pad_token_id`` of config.json and generation_config.json follow it;
 - pad ids of config.json / generation_config.json that disagree with the tokenizer's -> synced (fixed);
 - vocabulary ids beyond the embedding rows -> the embeddings grow, new rows = mean of trained rows (fixed);
 - padding side: the training default ``right`` is recorded, and written when the source says ``left``;
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import Any, Callable
 import torch
 
 from qconv.converter import embedding_rows as er
+from qconv.converter.pad_choice import choose_pad_token
 from qconv.converter import tokenizer_checks as checks
 from qconv.errors import QconvError
 from qconv.format import GENERATION_CONFIG_NAME, TokenizerFix
@@ -51,19 +51,6 @@ TOKENIZER_FILES = (
 )
 #: Files that describe special tokens; stale once the pad token changed, so not copied next to a re-save.
 _SPECIAL_TOKEN_FILES = ("special_tokens_map.json", "added_tokens.json")
-
-#: Pad-token names, in order of preference, taken when the vocabulary has them (step 1 of the choice).
-PAD_NAMES = (
-    "<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<PAD>", "<|padding|>", "<|pad_token|>",
-    "<|PAD_TOKEN|>",
-)
-#: Reserved / unused placeholder tokens (step 3): Llama 3, Gemma, BERT and similar spellings.
-RESERVED_PATTERN = re.compile(r"^(<\|?|\[)(reserved|unused)[\w -]*?\d*(\|?>|\])$", re.IGNORECASE)
-#: Document separators that are safe as pad when they are not an EOS of this model (step 4).
-END_OF_TEXT_NAMES = ("<|endoftext|>", "<|end_of_text|>")
-#: Names for a new pad token (step 6, last resort): the first that the vocabulary lacks.
-NEW_PAD_NAMES = ("<|pad|>", "<pad>", "[PAD]", "<|qconv_pad|>")
-
 
 @dataclass
 class TokenizerPlan:
@@ -133,55 +120,12 @@ def load_tokenizer(source_dir: Path):
         return None
 
 
-@dataclass
-class PadChoice:
-    token: str
-    id: int
-    reason: str
-    new: bool = False
-
-
 def _ids(value: Any) -> set[int]:
     if isinstance(value, int) and not isinstance(value, bool):
         return {value}
     if isinstance(value, (list, tuple)):
         return {v for v in value if isinstance(v, int) and not isinstance(v, bool)}
     return set()
-
-
-def choose_pad_token(tokenizer, forbidden: set[int], rows: int) -> PadChoice:
-    """The pad token to use, by preference (each must not be a BOS/EOS id and must have an embedding row).
-
-    1. a dedicated pad token (:data:`PAD_NAMES`, in that order); 2. any other added token whose name contains
-    ``pad`` (not FIM tokens); 3. a reserved/unused placeholder (:data:`RESERVED_PATTERN`, lowest id);
-    4. ``<|endoftext|>`` / ``<|end_of_text|>`` when not an EOS of this model; 5. the unk token; 6. a new token
-    (:data:`NEW_PAD_NAMES`) at id ``len(tokenizer)``, growing the embeddings when that is past the last row.
-    """
-    vocab = tokenizer.get_vocab()
-
-    def usable(token: str | None) -> bool:
-        tid = vocab.get(token) if token else None
-        return tid is not None and 0 <= tid < rows and tid not in forbidden
-
-    for name in PAD_NAMES:
-        if usable(name):
-            return PadChoice(name, vocab[name], "a dedicated pad token")
-    added = sorted((i, t.content) for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items())
-    for _, name in added:
-        if "pad" in name.lower() and "fim" not in name.lower() and usable(name):
-            return PadChoice(name, vocab[name], "an added pad token")
-    reserved = sorted((tid, tok) for tok, tid in vocab.items() if RESERVED_PATTERN.match(tok))
-    for _, name in reserved:
-        if usable(name):
-            return PadChoice(name, vocab[name], "a reserved, unused token")
-    for name in END_OF_TEXT_NAMES:
-        if usable(name):
-            return PadChoice(name, vocab[name], "the end-of-text token, which is not an EOS of this model")
-    unk = getattr(tokenizer, "unk_token", None)
-    if usable(unk):
-        return PadChoice(unk, vocab[unk], "the unk token (no pad, reserved or end-of-text token is free)")
-    name = next(n for n in NEW_PAD_NAMES if n not in vocab)
-    return PadChoice(name, len(tokenizer), "a new token: the vocabulary has no free token", new=True)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

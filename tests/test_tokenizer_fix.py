@@ -315,3 +315,35 @@ def test_smollm2_tokenizer_and_embeddings(smollm2_gguf, tmp_path):
     assert torch.equal(out[17:], embed[17:]) and torch.equal(out[:5], embed[:5])
     tok = saved_tokenizer(plan, tmp_path / "out")
     assert (tok.pad_token, tok.pad_token_id, tok.eos_token_id) == ("<|endoftext|>", 0, 2)
+
+
+def test_pad_choice_order_and_reserved_spellings():
+    from types import SimpleNamespace
+
+    from qconv.converter.pad_choice import RESERVED_PATTERN, choose_pad_token
+
+    class Tok:
+        def __init__(self, tokens, unk=None):
+            self.vocab = {t: i for i, t in enumerate(tokens)}
+            self.added_tokens_decoder = {i: SimpleNamespace(content=t) for t, i in self.vocab.items() if t[0] in "<["}
+            self.unk_token = unk
+
+        def get_vocab(self):
+            return dict(self.vocab)
+
+        def __len__(self):
+            return len(self.vocab)
+
+    assert all(RESERVED_PATTERN.match(t) for t in ("<unused0>", "[unused12]", "<|reserved_special_token_250|>", "<|reserved_7|>"))
+    assert not any(RESERVED_PATTERN.match(t) for t in ("unused", "reserved", "<|im_start|>", "<|fim_pad|>"))
+    base = ["<s>", "</s>", "a", "b"]
+    forbidden = {0, 1}
+    pick = lambda toks, unk=None, rows=64: choose_pad_token(Tok(toks, unk), forbidden, rows)  # noqa: E731
+    assert pick(base + ["<|fim_pad|>", "<|video_pad|>", "<unused3>"]).token == "<|video_pad|>"  # step 2, FIM skipped
+    assert pick(base + ["<unused3>", "<unused1>", "<|endoftext|>"]).token == "<unused3>"  # step 3, lowest id
+    assert pick(base + ["<|endoftext|>", "<unk>"], unk="<unk>").token == "<|endoftext|>"  # step 4 before unk
+    assert pick(base + ["<unk>"], unk="<unk>").token == "<unk>"
+    # candidates without an embedding row are skipped: <pad> has id 4 but only 4 rows exist
+    choice = pick(base + ["<pad>"], rows=4)
+    assert choice.new and choice.token == "<|pad|>" and choice.id == 5
+    assert pick(base + ["<pad>", "<|finetune_right_pad_id|>"]).token == "<|finetune_right_pad_id|>"
