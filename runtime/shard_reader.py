@@ -210,7 +210,7 @@ class RingUploader:
         self._free: queue.Queue = queue.Queue()
         for _ in range(n_buffers):
             buf = torch.empty(size, dtype=torch.uint8, pin_memory=self._cuda)
-            self._free.put((buf, None))
+            self._free.put((buf, []))
         self._todo: queue.Queue = queue.Queue()
         for c in self._chunks:
             self._todo.put(c)
@@ -226,45 +226,53 @@ class RingUploader:
             t.start()
 
     def _work(self) -> None:
-        import torch
-
-        stream = torch.cuda.Stream() if self._cuda else None
+        streams: dict = {}  # one side stream per destination device, per worker
         try:
             while not self._cancel.is_set():
                 try:
                     chunk = self._todo.get_nowait()
                 except queue.Empty:
                     return
-                buf, event = self._free.get()
+                buf, events = self._free.get()
                 try:
-                    if event is not None:
+                    for event in events:
                         event.synchronize()  # the copies out of this buffer have finished
+                    events = []
                     n = chunk.end - chunk.begin
                     _pread_into(self._fds[chunk.path], memoryview(buf.numpy()).cast("B")[:n], chunk.begin, chunk.path)
-                    event = self._copy_out(chunk, buf, stream)
+                    events = self._copy_out(chunk, buf, streams)
                 finally:
-                    self._free.put((buf, event))
+                    self._free.put((buf, events))
         except BaseException as exc:  # re-raised by wait()
             self._errors.append(exc)
             self._cancel.set()
         finally:
-            if stream is not None:
+            for stream in streams.values():
                 stream.synchronize()
 
     @staticmethod
-    def _copy_out(chunk: _Chunk, buf: "torch.Tensor", stream) -> Any:
+    def _copy_out(chunk: _Chunk, buf: "torch.Tensor", streams: dict) -> list:
+        """Copy the chunk's pieces out of ``buf``; CUDA copies are asynchronous, one event per device used."""
         import torch
 
-        if stream is None:
-            for dest, d_off, c_off, length in chunk.pieces:
-                dest[d_off : d_off + length].copy_(buf[c_off : c_off + length])
-            return None
-        with torch.cuda.stream(stream):
-            for dest, d_off, c_off, length in chunk.pieces:
-                dest[d_off : d_off + length].copy_(buf[c_off : c_off + length], non_blocking=True)
+        used = {}
+        for dest, d_off, c_off, length in chunk.pieces:
+            src = buf[c_off : c_off + length]
+            if not dest.is_cuda:
+                dest[d_off : d_off + length].copy_(src)
+                continue
+            stream = streams.get(dest.device)
+            if stream is None:
+                stream = streams[dest.device] = torch.cuda.Stream(device=dest.device)
+            with torch.cuda.stream(stream):
+                dest[d_off : d_off + length].copy_(src, non_blocking=True)
+            used[dest.device] = stream
+        events = []
+        for stream in used.values():
             event = torch.cuda.Event()
             event.record(stream)
-        return event
+            events.append(event)
+        return events
 
     def cancel(self) -> None:
         """Stop after the chunks in flight; :meth:`wait` then returns without raising for the cancel."""
@@ -276,8 +284,8 @@ class RingUploader:
         for t in self._threads:
             t.join()
         while not self._free.empty():
-            _, event = self._free.get()
-            if event is not None:
+            _, events = self._free.get()
+            for event in events:
                 event.synchronize()
         for fd in self._fds.values():
             os.close(fd)
