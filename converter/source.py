@@ -129,7 +129,7 @@ def _start_content_hash(src: Source) -> tuple[ThreadPoolExecutor, Future]:
     """
     files = sorted(p for p in src.directory.iterdir() if p.is_file() and not p.name.startswith("."))
     pool = ThreadPoolExecutor(max_workers=max(1, min(8, len(files))), thread_name_prefix="qconv-hash")
-    futures = {p.name: pool.submit(sha256_file, p) for p in files}
+    futures = {p.name: pool.submit(_sha256_small_buffer, p) for p in files}
 
     def combine() -> tuple[str, dict[str, str]]:
         digests = {name: fut.result() for name, fut in futures.items()}
@@ -150,6 +150,17 @@ def _start_content_hash(src: Source) -> tuple[ThreadPoolExecutor, Future]:
     if not futures:
         combined.set_result(combine())
     return pool, combined
+
+
+def _sha256_small_buffer(path: Path, chunk: int = 4 << 20) -> str:
+    """sha256 of a file through one reused 4 MiB buffer (hashing runs beside the conversion: keep RSS flat)."""
+    h = hashlib.sha256()
+    buffer = bytearray(chunk)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            h.update(view[:n])
+    return h.hexdigest()
 
 
 def _gguf_source(path: Path) -> Source:
