@@ -103,7 +103,7 @@ def find_embeddings(config: dict[str, Any], read_tensor: ReadTensor) -> tuple[Em
             if tensor is not None and tensor.ndim == 2:
                 hit = Embedding(name, tensor)
                 break
-        if hit is None:
+        if hit is None and not (index == 1 and config.get("tie_word_embeddings")):  # tied: no output matrix
             skeleton = skeleton or _names_from_skeleton(config)
             name = skeleton[index]
             tensor = _try_read(read_tensor, name) if name else None

@@ -95,7 +95,8 @@ class TokenizerPlan:
             tokenizer.padding_side = self.padding_side
         saved = tokenizer.save_pretrained(str(out_dir))
         written = sorted({Path(p).name for p in saved if (out_dir / Path(p).name).is_file()})
-        rest = [n for n in TOKENIZER_FILES if n not in written and n not in _SPECIAL_TOKEN_FILES]
+        stale = set(_SPECIAL_TOKEN_FILES) | ({"chat_template.json"} if "chat_template.jinja" in written else set())
+        rest = [n for n in TOKENIZER_FILES if n not in written and n not in stale]
         return sorted(written + _copy_files(Path(self.source_dir), out_dir, rest))
 
 
