@@ -28,7 +28,7 @@ from qconv.kernels.utils import check_device, is_interpreter, next_power_of_2
 
 MAX_COLS = 65536
 #: Launch parameters (benchmarks may override them): elements per forward tile, backward programs per SM.
-TUNING = {"fwd_tile": 4096, "bwd_tile": 4096, "bwd_programs_per_sm": 2, "num_warps": 0}
+TUNING = {"fwd_tile": 4096, "fwd_warps": 0, "bwd_tile": 4096, "bwd_warps": 0, "bwd_programs_per_sm": 2}  # 0: auto
 INTERPRETER_TILE = 65536
 
 
@@ -123,12 +123,12 @@ def _programs(device: torch.device, per_sm: int) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device()) * per_sm
 
 
-def _tile(n_rows: int, block_n: int, elements: int) -> tuple[int, int]:
+def _tile(n_rows: int, block_n: int, elements: int, warps: int) -> tuple[int, int]:
     """(BLOCK_M, num_warps) for tiles of about ``elements`` values (whole rows)."""
     if is_interpreter():
-        elements = INTERPRETER_TILE
+        elements, warps = INTERPRETER_TILE, 4
     block_m = max(1, min(next_power_of_2(n_rows), elements // block_n))
-    warps = TUNING["num_warps"] or min(16, max(4, block_m * block_n // 512))
+    warps = warps or min(16, max(4, block_m * block_n // 512))
     return block_m, warps
 
 
@@ -143,7 +143,7 @@ def _forward(x2: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, 
     y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x2.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x2.device)
     block_n = next_power_of_2(n_cols)
-    block_m, warps = _tile(n_rows, block_n, TUNING["fwd_tile"])
+    block_m, warps = _tile(n_rows, block_n, TUNING["fwd_tile"], TUNING["fwd_warps"])
     grid = (triton.cdiv(n_rows, block_m),)
     _rms_norm_fwd_kernel[grid](x2, weight, y, rstd, n_rows, n_cols, x2.stride(0), y.stride(0), eps, offset,
                                GEMMA=gemma, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
@@ -154,7 +154,7 @@ def _backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: t
               gemma: bool, dx: torch.Tensor, compute_dw: bool) -> torch.Tensor | None:
     n_rows, n_cols = x2.shape
     block_n = next_power_of_2(n_cols)
-    block_m, warps = _tile(n_rows, block_n, TUNING["bwd_tile"])
+    block_m, warps = _tile(n_rows, block_n, TUNING["bwd_tile"], TUNING["bwd_warps"])
     programs = max(1, min(triton.cdiv(n_rows, block_m), _programs(x2.device, TUNING["bwd_programs_per_sm"])))
     dw_part = torch.empty((programs, n_cols), dtype=torch.float32, device=x2.device) if compute_dw else rstd
     _rms_norm_bwd_kernel[(programs,)](dy2, x2, weight, rstd, dx, dw_part, n_rows, n_cols, dy2.stride(0),

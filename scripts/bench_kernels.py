@@ -189,7 +189,8 @@ def case_cross_entropy(n_rows: int = 4096, vocab: int = 128256):
     def eager(x):  # transformers' ForCausalLMLoss: upcast, then F.cross_entropy
         return F.cross_entropy(x.float(), labels, ignore_index=-100)
 
-    impls = {"qconv": lambda x: cross_entropy(x, labels), "eager": eager}
+    impls = {"qconv": lambda x: cross_entropy(x, labels),
+             "qconv grad_in_fwd": lambda x: cross_entropy(x, labels, grad_in_forward=True), "eager": eager}
     liger = _liger("cross_entropy", "LigerCrossEntropyFunction")
     if liger is not None:
         impls["liger"] = lambda x: liger.apply(x, labels, None, -100)[0]
@@ -238,41 +239,51 @@ def bench_cases(copy_gbps: float) -> list[dict]:
 # ------------------------------------------------------------------------------------------------
 # Launch-parameter sweep (ours only), one parameter at a time around the defaults
 # ------------------------------------------------------------------------------------------------
-SWEEPS = {
-    "rms_norm 4096x4096": ("qconv.kernels.rms_norm", {"fwd_tile": [4096, 8192, 16384], "bwd_tile": [8192, 16384],
-                                                       "bwd_programs_per_sm": [1, 4, 8], "num_warps": [4, 8, 16]}),
-    "rope 32q+8kv x 4096 x 128": ("qconv.kernels.rope", {"block_s": [4, 8, 32, 64], "block_h": [1, 2, 4],
-                                                          "num_warps": [2, 4, 16]}),
-    "swiglu 4096x14336": ("qconv.kernels.swiglu", {"block": [1024, 2048, 8192, 16384], "num_warps": [4, 16]}),
-    "cross_entropy 4096x128256": ("qconv.kernels.cross_entropy", {"fwd_chunk": [4096, 8192, 32768], "fwd_warps": [8, 32],
-                                                                 "bwd_block": [2048, 4096, 16384], "bwd_warps": [4, 16]}),
+SWEEPS = {  # case -> (module, [TUNING overrides]); {} is the default
+    "rms_norm 4096x4096": ("qconv.kernels.rms_norm", [
+        {}, {"fwd_warps": 4}, {"fwd_warps": 16}, {"fwd_tile": 8192}, {"fwd_tile": 16384, "fwd_warps": 16},
+        {"bwd_programs_per_sm": 1}, {"bwd_programs_per_sm": 4}, {"bwd_programs_per_sm": 4, "bwd_warps": 4},
+        {"bwd_programs_per_sm": 8, "bwd_warps": 4}, {"bwd_warps": 4}, {"bwd_warps": 16}, {"bwd_tile": 8192},
+        {"bwd_tile": 8192, "bwd_warps": 16}]),
+    "rope 32q+8kv x 4096 x 128": ("qconv.kernels.rope", [
+        {}, {"block_s": 8}, {"block_s": 32}, {"block_s": 64, "block_h": 2}, {"block_h": 4}, {"block_h": 4, "num_warps": 4},
+        {"block_h": 2, "num_warps": 4}, {"block_h": 1, "block_s": 64, "num_warps": 4}, {"num_warps": 4}, {"num_warps": 16}]),
+    "swiglu 4096x14336": ("qconv.kernels.swiglu", [
+        {}, {"block": 1024, "num_warps": 4}, {"block": 2048, "num_warps": 4}, {"block": 2048}, {"block": 8192},
+        {"block": 8192, "num_warps": 16}, {"block": 16384, "num_warps": 16}, {"num_warps": 4}, {"num_warps": 16}]),
+    "cross_entropy 4096x128256": ("qconv.kernels.cross_entropy", [
+        {}, {"fwd_chunk": 4096, "fwd_warps": 4}, {"fwd_chunk": 4096}, {"fwd_chunk": 16384, "fwd_warps": 16},
+        {"fwd_chunk": 16384}, {"fwd_chunk": 32768, "fwd_warps": 32}, {"fwd_warps": 16}, {"fwd_warps": 4},
+        {"bwd_block": 4096, "bwd_warps": 4}, {"bwd_block": 2048, "bwd_warps": 4}, {"bwd_block": 16384, "bwd_warps": 16},
+        {"bwd_block": 4096}, {"bwd_warps": 16}, {"bwd_warps": 4}]),
+    "cross_entropy 4096x128256 grad_in_fwd": ("qconv.kernels.cross_entropy", [
+        {}, {"fwd_chunk": 16384, "fwd_warps": 16}, {"fwd_chunk": 32768, "fwd_warps": 32}, {"fwd_chunk": 16384, "fwd_warps": 32},
+        {"fwd_chunk": 4096, "fwd_warps": 4}, {"fwd_chunk": 32768, "fwd_warps": 16}]),
 }
 
 
 def sweep(copy_gbps: float, deadline: float) -> list[dict]:
     rows = []
-    for name, (module, grid) in SWEEPS.items():
+    for name, (module, overrides) in SWEEPS.items():
         tuning = importlib.import_module(module).TUNING
         default = dict(tuning)
-        nbytes, params, bufs, impls = CASES[name]()
-        step = make_step(impls["qconv"], bufs)
-        for key, values in [(None, [None])] + list(grid.items()):
-            for value in values:
-                if time.time() > deadline:
-                    log("sweep: out of time")
-                    return rows
-                tuning.clear()
-                tuning.update(default)
-                if key is not None:
-                    tuning[key] = value
-                try:
-                    ms, extra = measure(step, params)
-                except Exception as exc:
-                    log(f"  sweep {name} {key}={value}: FAILED {type(exc).__name__}: {str(exc)[:200]}")
-                    continue
-                r = row("sweep", name, f"{key}={value}" if key else "default", ms, extra, nbytes, copy_gbps)
-                log(f"  {r}")
-                rows.append(r)
+        nbytes, params, bufs, impls = CASES[name.replace(" grad_in_fwd", "")]()
+        step = make_step(impls["qconv grad_in_fwd" if name.endswith("grad_in_fwd") else "qconv"], bufs)
+        for override in overrides:
+            if time.time() > deadline:
+                log("sweep: out of time")
+                return rows
+            tuning.clear()
+            tuning.update(default, **override)
+            label = ",".join(f"{k}={v}" for k, v in override.items()) or "default"
+            try:
+                ms, extra = measure(step, params)
+            except Exception as exc:
+                log(f"  sweep {name} {label}: FAILED {type(exc).__name__}: {str(exc)[:200]}")
+                continue
+            r = row("sweep", name, label, ms, extra, nbytes, copy_gbps)
+            log(f"  {r}")
+            rows.append(r)
         tuning.clear()
         tuning.update(default)
         del bufs, impls, step

@@ -34,15 +34,17 @@ def poison(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_like(*a, **k)))
 
 
-def run_and_compare(shape, vocab, dtype, device, softcap=None, chunk_size=None, reduction="mean", n_ignored=1):
+def run_and_compare(shape, vocab, dtype, device, softcap=None, chunk_size=None, reduction="mean", n_ignored=1,
+                    grad_in_forward=False):
     torch.manual_seed(vocab + len(shape))
     x_leaf = (torch.randn(*shape, vocab, device=device) * 4).to(dtype).requires_grad_()
     labels = torch.randint(0, vocab, shape, device=device)
     labels.view(-1)[:n_ignored] = -100
     logits = x_leaf * 1  # an intermediate, like lm_head's output: the gradient reuses its storage
     kept = logits.detach().clone()
-    loss = cross_entropy(logits, labels, softcap=softcap, chunk_size=chunk_size, reduction=reduction)
-    assert torch.equal(logits.detach(), kept)  # the forward leaves the logits alone
+    loss = cross_entropy(logits, labels, softcap=softcap, chunk_size=chunk_size, reduction=reduction,
+                         grad_in_forward=grad_in_forward)
+    assert torch.equal(logits.detach(), kept) != grad_in_forward  # only that mode overwrites them in the forward
     grad = torch.randn_like(loss) if reduction == "none" else torch.tensor(0.7, device=device)
     loss_value = loss.detach().clone()
     loss.backward(grad)
@@ -66,6 +68,13 @@ def test_matches_reference_fp32(poison, vocab, chunk, softcap):
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 def test_reductions_and_3d_logits(poison, reduction):
     run_and_compare((2, 3), 700, torch.float32, "cpu", reduction=reduction, n_ignored=2)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradient_in_forward(poison, reduction):
+    run_and_compare((2, 3), 900, torch.float32, "cpu", softcap=5.0, chunk_size=256, reduction=reduction,
+                    n_ignored=2, grad_in_forward=True)
 
 
 @needs_interpreter
@@ -121,11 +130,17 @@ def test_argument_errors():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("softcap", [None, 30.0])
 def test_gpu(poison, dtype, softcap):
     run_and_compare((3, 171), 32000, dtype, "cuda", softcap=softcap, n_ignored=40)
     run_and_compare((64,), 128256, dtype, "cuda", softcap=softcap, chunk_size=4096)
+    run_and_compare((5, 40), 50000, dtype, "cuda", softcap=softcap, n_ignored=30, grad_in_forward=True)
+
+
+@pytest.mark.gpu
+def test_gpu_fp32(poison):
+    run_and_compare((2, 100), 32000, torch.float32, "cuda", n_ignored=7)
 
 
 @pytest.mark.gpu
