@@ -189,13 +189,16 @@ def _read_safetensors(info: TensorInfo, buffer: torch.Tensor | None) -> torch.Te
     view = buffer[:nbytes]
     if nbytes:
         mv = memoryview(view.numpy())
-        with open(info.file, "rb", buffering=0) as f:
-            got = 0
-            while got < nbytes:  # preadv may return short counts for very large reads
-                n = os.preadv(f.fileno(), [mv[got:]], info.offset + got)
-                if n <= 0:
-                    raise QconvError(f"{info.file}: unexpected end of file reading {info.name!r}")
-                got += n
+        try:
+            with open(info.file, "rb", buffering=0) as f:
+                got = 0
+                while got < nbytes:  # preadv may return short counts for very large reads
+                    n = os.preadv(f.fileno(), [mv[got:]], info.offset + got)
+                    if n <= 0:
+                        raise QconvError(f"{info.file}: unexpected end of file reading {info.name!r}")
+                    got += n
+        except OSError as exc:
+            raise QconvError(f"{info.file}: cannot read tensor {info.name!r} ({exc})") from exc
     return view.view(info.dtype).reshape(info.shape)
 
 
