@@ -118,10 +118,15 @@ def _mark_quantized(model: Any, quantization_config: dict[str, Any], compute_dty
 
 
 def _guard_cpu_fast_path(model: Any) -> None:
-    """bitsandbytes' CPU AVX512-BF16 path asserts out_features % 32 == 0 and even in_features: skip it otherwise."""
+    """bitsandbytes' CPU AVX512-BF16 repacking needs out_features % 32 == 0 and in_features % blocksize == 0.
+
+    It fails on other shapes (bitsandbytes 0.50), so those modules keep the generic path.
+    """
     for module in model.modules():
-        if getattr(module, "support_avx512bf16_for_cpu", False) and (module.out_features % 32 or module.in_features % 2):
-            module.support_avx512bf16_for_cpu = False
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            blocksize = getattr(module.weight, "blocksize", None) or 64
+            if module.out_features % 32 or module.in_features % blocksize:
+                module.support_avx512bf16_for_cpu = False
 
 
 def _load_generation_config(model: Any, directory: Path) -> None:
@@ -164,6 +169,11 @@ def from_pretrained(
     manifest's sha256 of every file first. The model is returned in eval mode, like transformers does.
     """
     start = time.perf_counter()
+    marks: dict[str, float] = {}
+
+    def mark(name: str) -> None:
+        marks[name] = round(time.perf_counter() - start, 3)
+
     ckpt = ckpt_mod.open_checkpoint(name_or_path, revision=revision, token=token, trust_remote_code=trust_remote_code)
     if verify:
         ckpt_mod.verify_files(ckpt)
@@ -175,6 +185,7 @@ def from_pretrained(
             f"qconv convert <source> <out_dir>"
         )
     settings = fmt.settings_from_quantization_config(ckpt.config["quantization_config"])
+    mark("headers")
 
     import torch
 
@@ -185,7 +196,9 @@ def from_pretrained(
     main = plan.main_device
     dtype = resolve_dtype(dtype, main)
     compute_dtype = _compute_dtype(settings, main)
+    mark("torch")
     staging = _Staging(headers, plan.device_of)
+    mark("reading_started")
     try:
         from qconv.runtime import skeleton
 
@@ -209,8 +222,9 @@ def from_pretrained(
         raise
     else:
         fallback = False
+        mark("skeleton")
         tensors = staging.wait()
-        read_s = time.perf_counter() - start
+        mark("read_done")
         from qconv.runtime.materialize import fill_model
 
         report = fill_model(model, tensors, quantized, plan.device_of, skeleton.dtype_plan(model, dtype))
@@ -229,7 +243,8 @@ def from_pretrained(
 
             dispatch_model(model, device_map=plan.hf_device_map())
         model.hf_device_map = plan.hf_device_map()
-        logger.info("read %.2f GiB in %.2f s, %d quantized Linear", sum(sizes.values()) / 2**30, read_s, report.quantized)
+        mark("filled")
+        logger.info("read %.2f GiB by %.2f s, %d quantized Linear", sum(sizes.values()) / 2**30, marks["read_done"], report.quantized)
 
     from qconv.runtime.tokenizer_replay import load_tokenizer, replay_fixes, sync_pad_ids
 
@@ -238,14 +253,16 @@ def from_pretrained(
     if tokenizer is not None and fix_tokenizer:
         replayed = replay_fixes(tokenizer, ckpt.manifest.tokenizer_fixes if ckpt.manifest else [])
         sync_pad_ids(model, tokenizer)
+    mark("tokenizer")
     patched: list[str] = []
     if patch and (main.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
         from qconv.runtime.patches import apply_patches
 
         patched = apply_patches(model)
+    mark("patched")
     model._qconv = {
         "source": str(name_or_path), "directory": str(ckpt.directory), "revision": ckpt.revision, "fallback": fallback,
-        "patched": patched, "tokenizer_fixes": replayed, "seconds": round(time.perf_counter() - start, 3),
+        "patched": patched, "tokenizer_fixes": replayed, "seconds": round(time.perf_counter() - start, 3), "timings": marks,
     }
     logger.info("loaded %s in %.2f s (patched: %s)", name_or_path, model._qconv["seconds"], ", ".join(patched) or "none")
     return model, tokenizer

@@ -183,8 +183,9 @@ def child(method: str, base: Path, small: bool, result: Path) -> None:
     with torch.no_grad():
         logits = model(ids).logits.float().cpu()
     torch.save(logits, result.with_suffix(".pt"))
+    qinfo = getattr(model, "_qconv", {})
     out = {"method": method, "import_s": t1 - t0, "load_s": t2 - t1, "total_s": t2 - t0,
-           "patched": getattr(model, "_qconv", {}).get("patched"), "finite": bool(torch.isfinite(logits).all())}
+           "patched": qinfo.get("patched"), "timings": qinfo.get("timings"), "finite": bool(torch.isfinite(logits).all())}
     if torch.cuda.is_available() and not small:
         out["gpu_alloc_gib"] = torch.cuda.max_memory_allocated() / 2**30
         out["gpu_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30

@@ -7,6 +7,8 @@ must stay stock, and a model with no available kernels must be left untouched.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -50,9 +52,9 @@ def fake_apply_rope(q, k, cos, sin):
     return q * cos + rot(q) * sin, k * cos + rot(k) * sin
 
 
-def fake_cross_entropy(logits, labels, ignore_index=-100, softcap=None):
+def fake_cross_entropy(logits, labels, ignore_index=-100, softcap=None, reduction="mean"):
     _count("cross_entropy")
-    return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index)
+    return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction=reduction)
 
 
 FAKES = {"rms_norm": fake_rms_norm, "swiglu": fake_swiglu, "geglu": fake_geglu, "rope": fake_apply_rope,
@@ -72,8 +74,9 @@ def _loss_and_logits(model, seed=0):
     labels = ids.clone()
     labels[0, :3] = -100
     out = model(input_ids=ids, labels=labels)
+    logits = out.logits.detach().clone()  # the cross-entropy kernel may reuse the logits' memory in backward
     out.loss.backward()
-    return out.loss.detach(), out.logits.detach()
+    return out.loss.detach(), logits
 
 
 @pytest.mark.parametrize("arch,mlp_op", [("llama", "swiglu"), ("gemma2", "geglu")])
@@ -141,3 +144,27 @@ def test_kernel_lookup_matches_what_exists():
     for op, name in patches.OPS.items():
         exists = importlib.util.find_spec(f"qconv.kernels.{kernels._EXPORTS[name]}") is not None
         assert (patches.kernel(op) is not None) == exists, op
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_real_kernels_match_stock(quantized_checkpoint_factory, arch):
+    """qconv.kernels under the Triton interpreter (CI sets TRITON_INTERPRET=1), all float32.
+
+    Tolerances: logits and loss 1e-4 (abs and rel); gradients 1e-4 relative L2 error.
+    """
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.fail("run the CPU suite through scripts/test.sh (TRITON_INTERPRET=1)")
+    directory = quantized_checkpoint_factory(arch, compute_dtype="float32")  # all float32: tight tolerances
+    stock, _ = runtime.from_pretrained(directory, dtype=torch.float32, device_map="cpu", patch=False)
+    model, _ = runtime.from_pretrained(directory, dtype=torch.float32, device_map="cpu", patch=True)
+    mlp_op = "geglu" if arch == "gemma2" else "swiglu"
+    assert model._qconv["patched"] == ["rms_norm", mlp_op, "rope", "cross_entropy"]
+    stock_loss, stock_logits = _loss_and_logits(stock)
+    loss, out = _loss_and_logits(model)
+    torch.testing.assert_close(out, stock_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loss, stock_loss, rtol=1e-4, atol=1e-4)
+    for name in ("model.norm.weight", "model.layers.0.input_layernorm.weight", "model.embed_tokens.weight"):
+        g, sg = model.get_parameter(name).grad, stock.get_parameter(name).grad
+        assert g is not None and g.abs().sum() > 0, name
+        rel = ((g - sg).norm() / sg.norm()).item()  # relative L2 error of the whole gradient
+        assert rel < 1e-4, (name, rel)

@@ -110,13 +110,12 @@ def causal_lm_loss(fn: Callable) -> Callable:
             shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
         logits = logits.reshape(-1, vocab_size)
         shift_labels = shift_labels.reshape(-1).to(logits.device)
-        mean = fn(logits, shift_labels, ignore_index=ignore_index)
         if num_items_in_batch is None:
-            return mean
-        n_valid = (shift_labels != ignore_index).sum()
+            return fn(logits, shift_labels, ignore_index=ignore_index)
+        total = fn(logits, shift_labels, ignore_index=ignore_index, reduction="sum")
         if hasattr(num_items_in_batch, "to"):
-            num_items_in_batch = num_items_in_batch.to(mean.device)
-        return mean * n_valid / num_items_in_batch
+            num_items_in_batch = num_items_in_batch.to(total.device)
+        return total / num_items_in_batch
 
     return loss
 
