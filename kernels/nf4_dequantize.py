@@ -34,10 +34,11 @@ except ImportError:  # pragma: no cover
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 #: Default launch parameters, chosen on an H100 (docs/benchmarks.md): packed bytes per program, warps.
-DEFAULT_BYTES_PER_PROGRAM = 8192
+DEFAULT_BYTES_PER_PROGRAM = 4096
 DEFAULT_NUM_WARPS = 8
-#: Look values up per byte in a 256-entry (high, low) table instead of per nibble in the 16-entry code.
-DEFAULT_PAIR_TABLE = True
+#: Look values up per byte in a 256-entry (high, low) table instead of per nibble in the 16-entry code
+#: (slower on an H100: the 2 KB table spreads one warp's gather over many cache lines).
+DEFAULT_PAIR_TABLE = False
 #: Under the interpreter every program instance costs ~2.5 ms: use few, large ones.
 INTERPRETER_BYTES_PER_PROGRAM = 32768
 
@@ -165,28 +166,31 @@ def state_tensors(quant_state: Any, f: dict[str, Any], device: torch.device, pai
     """Kernel arguments ``(absmax, table, nested_code, nested_absmax, offset, nested_blocksize)`` on ``device``.
 
     ``table`` is the 16-entry code, or with ``pair`` the ``[256, 2]`` table of (high, low) nibble values
-    per byte, built once and cached on the quant state (per device and code tensor).
+    per byte. The result is cached on the quant state (keyed by device and the identity and version of
+    every tensor used), so repeated calls skip the conversions.
     """
-    absmax = f["absmax"]
+    sources = [f["absmax"], f["code"]] + ([f["nested_code"], f["nested_absmax"], f["offset"]] if f["nested"] else [])
+    key = (str(device), pair, f["nested"]) + tuple(
+        (t.data_ptr(), t._version) if isinstance(t, torch.Tensor) else t for t in sources)
+    cache = getattr(quant_state, "_qconv_kernel_args", None)
+    if cache is not None and cache[0] == key:
+        return cache[1]
     if pair:
-        key = (str(device), f["code"].data_ptr(), f["code"]._version)
-        cache = getattr(quant_state, "_qconv_pair_table", None)
-        if cache is None or cache[0] != key:
-            code = f["code"].to(device=device, dtype=torch.float32).reshape(-1)
-            table = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1).contiguous()
-            cache = (key, table)
-            try:
-                quant_state._qconv_pair_table = cache
-            except AttributeError:  # a state object that takes no attributes: build every time
-                pass
-        table = cache[1]
+        code = f["code"].to(device=device, dtype=torch.float32).reshape(-1)
+        table = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1).contiguous()
     else:
         table = _float32_on(f["code"], device)
     if f["nested"]:
-        return (absmax.to(device).reshape(-1), table, _float32_on(f["nested_code"], device),
+        args = (f["absmax"].to(device).reshape(-1), table, _float32_on(f["nested_code"], device),
                 _float32_on(f["nested_absmax"], device), _float32_on(f["offset"], device), f["nested_blocksize"])
-    absmax = _float32_on(absmax, device)
-    return absmax, table, absmax, absmax, absmax, 1
+    else:
+        absmax = _float32_on(f["absmax"], device)
+        args = (absmax, table, absmax, absmax, absmax, 1)
+    try:
+        quant_state._qconv_kernel_args = (key, args)
+    except AttributeError:  # a state object that takes no attributes: convert every time
+        pass
+    return args
 
 
 def _launch_dequantize(

@@ -2,14 +2,16 @@
 
 Paths, by the number of rows ``M = prod(x.shape[:-1])``:
 
-* ``M == 1`` (decoding): a fused dequantize + GEMV Triton kernel. Each program owns ``BLOCK_N`` output
-  features and walks the whole ``K`` axis, reading each packed byte once as a ``[BLOCK_N, NB, bs/2]``
-  tile (``NB`` quantization blocks per step); the per-block dot product is reduced first and scaled by
-  the block's absmax once, so the absmax (and its nested dequantization) costs one gather per block.
-* ``1 < M <= FUSED_DOT_MAX_ROWS``: a fused dequantize + ``tl.dot`` kernel (W tiles never hit memory).
-* larger ``M``: dequantize W once (``dequantize_nf4``) and call ``torch.matmul`` (cuBLAS).
+* ``M <= GEMV_MAX_ROWS`` (decoding): a fused dequantize + GEMV Triton kernel. Each program owns
+  ``BLOCK_N`` output features and up to ``ROWS`` rows of x and walks the whole ``K`` axis, reading each
+  packed byte once as a ``[BLOCK_N, NB, bs/2]`` tile (``NB`` quantization blocks per step). The high and
+  low nibbles meet the even and odd elements of x (no interleave of the weight tile); the per-block dot
+  product is reduced first and scaled by the block's absmax once, so the absmax (and its nested
+  dequantization) costs one gather per block.
+* larger ``M``: dequantize W once (``dequantize_nf4``) and call ``torch.matmul`` (cuBLAS). A fused
+  dequantize + ``tl.dot`` kernel was measured slower than this at every M on an H100 (docs/benchmarks.md).
 
-The fused kernels need ``K % blocksize == 0`` (quantization blocks never straddle rows); other shapes
+The GEMV kernel needs ``K % blocksize == 0`` (quantization blocks never straddle rows); other shapes
 take the dequantize-then-matmul path. The autograd Function gives gradients to ``x`` (and ``bias``);
 the weight is frozen: ``dx = dy @ W`` via dequantize + matmul.
 """
@@ -29,20 +31,17 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-#: GEMV launch parameters (H100 sweep, docs/benchmarks.md): rows per program, bytes per row per step, warps.
+#: GEMV launch parameters (H100 sweep, docs/benchmarks.md): features per program, packed bytes per
+#: feature per step, warps, code lookup (True: one gather per byte from a 256-entry pair table),
+#: x split into even/odd elements (True) or the weight tile interleaved (False).
 GEMV_BLOCK_N = 8
-GEMV_STEP_BYTES = 256
+GEMV_STEP_BYTES = 512
 GEMV_NUM_WARPS = 4
-GEMV_PAIR_TABLE = True
-#: fused dequantize + tl.dot tiles (rows per tile: M rounded up to a power of two, 16 to 64)
-DOT_BLOCK_N = 64
-DOT_BLOCK_K = 128
-DOT_NUM_WARPS = 4
-DOT_NUM_STAGES = 3
-DOT_PAIR_TABLE = True
-#: Largest M that uses the fused dequantize + tl.dot kernel; above it dequantize + torch.matmul wins.
-FUSED_DOT_MAX_ROWS = 16
-
+GEMV_PAIR_TABLE = False
+GEMV_EVEN_ODD = True
+#: Rows of x per GEMV program (a power of two), and the largest M that takes the GEMV path.
+GEMV_ROWS_PER_PROGRAM = 4
+GEMV_MAX_ROWS = 4
 
 
 # --------------------------------------------------------------------------------------------------
@@ -80,134 +79,93 @@ if HAS_TRITON:
             return tl.load(absmax_ptr + blk, mask=mask, other=0)
 
     @triton.jit
-    def _code_values(code_ptr, q, PAIR: tl.constexpr, A: tl.constexpr, B: tl.constexpr, HALF_BS: tl.constexpr):
-        """Unscaled values of byte tile ``q`` [A, B, HALF_BS] as [A, B, 2 * HALF_BS] (flat weight order)."""
+    def _nibble_values(code_ptr, q, PAIR: tl.constexpr):
+        """Unscaled (high, low) nibble values of the byte tile ``q`` [A, B, C], each [A, B, C]."""
         if PAIR:  # one 8-byte gather per byte from the [256, 2] (high, low) table
             t = tl.arange(0, 2)
-            pair = tl.load(code_ptr + q[:, :, :, None].to(tl.int32) * 2 + t[None, None, None, :])
-            return tl.reshape(pair, (A, B, 2 * HALF_BS))
+            return tl.split(tl.load(code_ptr + q[:, :, :, None].to(tl.int32) * 2 + t[None, None, None, :]))
         else:  # two 4-byte gathers per byte from the 16-entry code
-            return tl.interleave(tl.load(code_ptr + (q >> 4)), tl.load(code_ptr + (q & 15)))
+            return tl.load(code_ptr + (q >> 4)), tl.load(code_ptr + (q & 15))
 
     @triton.jit
     def _nf4_gemv_kernel(
         x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
-        bias_ptr, y_ptr, N, K,
-        HALF_BS: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
+        bias_ptr, y_ptr, M, N, K,
+        HALF_BS: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, ROWS: tl.constexpr,
         NESTED: tl.constexpr, NESTED_BS: tl.constexpr, HAS_BIAS: tl.constexpr, PAIR: tl.constexpr,
+        EVEN_ODD: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        n = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # output features
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # output features
         n_ok = n < N
+        r_idx = tl.arange(0, ROWS)
         j = tl.arange(0, NB)  # quantization block within the step
         c = tl.arange(0, HALF_BS)  # byte within the block
-        e = tl.arange(0, 2 * HALF_BS)  # element within the block
+        t = tl.arange(0, 2)
         blocks_per_row = K // (2 * HALF_BS)
-        acc = tl.zeros((BLOCK_N, NB), dtype=tl.float32)
+        acc = tl.zeros((ROWS, BLOCK_N, NB), dtype=tl.float32)
         for kb in range(0, blocks_per_row, NB):
             kblk = kb + j
             kblk_ok = kblk < blocks_per_row
-            xt = tl.load(x_ptr + kblk[:, None] * (2 * HALF_BS) + e[None, :], mask=kblk_ok[:, None], other=0)
             blk = n[:, None] * blocks_per_row + kblk[None, :]  # [BLOCK_N, NB] flat block index
             blk_ok = n_ok[:, None] & kblk_ok[None, :]
             q = tl.load(packed_ptr + blk[:, :, None] * HALF_BS + c[None, None, :], mask=blk_ok[:, :, None], other=0)
-            w = _code_values(code_ptr, q, PAIR, BLOCK_N, NB, HALF_BS)  # [BLOCK_N, NB, bs], absmax not applied yet
-            part = tl.sum(w * xt.to(tl.float32)[None, :, :], axis=2)
             absmax = _block_absmax(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, blk, blk_ok, NESTED, NESTED_BS)
-            acc += part * absmax
-        y = tl.sum(acc, axis=1)
+            hi, lo = _nibble_values(code_ptr, q, PAIR)  # [BLOCK_N, NB, HALF_BS] each
+            if not EVEN_ODD:
+                w = tl.interleave(hi, lo)  # [BLOCK_N, NB, bs] in weight order
+            for r in tl.static_range(ROWS):
+                m = pid_m * ROWS + r
+                x_row = x_ptr + m.to(tl.int64) * K
+                x_ok = kblk_ok & ((m + 0 * j) < M)  # [NB]
+                if EVEN_ODD:  # x[k] for k = 2c (high nibble) and 2c + 1 (low nibble) of each block
+                    xk = tl.load(x_row + kblk[:, None, None] * (2 * HALF_BS) + 2 * c[None, :, None] + t[None, None, :],
+                                 mask=x_ok[:, None, None], other=0)
+                    xe, xo = tl.split(xk.to(tl.float32))  # [NB, HALF_BS] each
+                    part = tl.sum(hi * xe[None, :, :] + lo * xo[None, :, :], axis=2)
+                else:
+                    e = tl.arange(0, 2 * HALF_BS)
+                    xk = tl.load(x_row + kblk[:, None] * (2 * HALF_BS) + e[None, :], mask=x_ok[:, None], other=0)
+                    part = tl.sum(w * xk.to(tl.float32)[None, :, :], axis=2)
+                acc += tl.where(r_idx[:, None, None] == r, (part * absmax)[None, :, :], 0.0)
+        y = tl.sum(acc, axis=2)  # [ROWS, BLOCK_N]
         if HAS_BIAS:
-            y += tl.load(bias_ptr + n, mask=n_ok, other=0).to(tl.float32)
-        tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
-
-    @triton.jit
-    def _nf4_dot_kernel(
-        x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
-        bias_ptr, y_ptr, M, N, K,
-        HALF_BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
-        NESTED: tl.constexpr, NESTED_BS: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
-        PAIR: tl.constexpr,
-    ):
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-        m_ok = m < M
-        n_ok = n < N
-        j = tl.arange(0, NB)
-        c = tl.arange(0, HALF_BS)
-        BLOCK_K: tl.constexpr = NB * 2 * HALF_BS
-        kk = tl.arange(0, BLOCK_K)
-        blocks_per_row = K // (2 * HALF_BS)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kb in range(0, blocks_per_row, NB):
-            kblk = kb + j
-            blk = n[:, None] * blocks_per_row + kblk[None, :]
-            blk_ok = n_ok[:, None] & (kblk < blocks_per_row)[None, :]
-            q = tl.load(packed_ptr + blk[:, :, None] * HALF_BS + c[None, None, :], mask=blk_ok[:, :, None], other=0)
-            absmax = _block_absmax(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, blk, blk_ok, NESTED, NESTED_BS)
-            w = _code_values(code_ptr, q, PAIR, BLOCK_N, NB, HALF_BS) * absmax[:, :, None]
-            w = tl.reshape(w, (BLOCK_N, BLOCK_K))  # dequantized W[n, k-tile]
-            k = kb * 2 * HALF_BS + kk
-            xt = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0)
-            if DOT_FP32:  # float32 x (IEEE, no tf32), or the interpreter (its bf16/fp16 dot is wrong)
-                acc += tl.dot(xt.to(tl.float32), tl.trans(w), input_precision="ieee")
-            else:
-                acc += tl.dot(xt, tl.trans(w.to(xt.dtype)))
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + n, mask=n_ok, other=0).to(tl.float32)[None, :]
-        tl.store(y_ptr + m[:, None] * N + n[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=m_ok[:, None] & n_ok[None, :])
+            y += tl.load(bias_ptr + n, mask=n_ok, other=0).to(tl.float32)[None, :]
+        m_all = pid_m * ROWS + r_idx
+        tl.store(y_ptr + m_all[:, None].to(tl.int64) * N + n[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=(m_all < M)[:, None] & n_ok[None, :])
 
 
-def _fused_ok(f: dict[str, Any], K: int, M: int) -> bool:
-    """Whether the fused kernels handle this shape: blocks within rows; small blocks for tl.dot tiles."""
-    if K % f["blocksize"]:
-        return False
-    return M == 1 or (M <= FUSED_DOT_MAX_ROWS and f["blocksize"] <= 256)
+def _gemv_ok(f: dict[str, Any], K: int, M: int) -> bool:
+    """Whether the GEMV kernel takes this call: few rows, quantization blocks within weight rows."""
+    return 1 <= M <= GEMV_MAX_ROWS and K % f["blocksize"] == 0
 
 
 def _gemv(x2: torch.Tensor, data: torch.Tensor, quant_state: Any, f: dict[str, Any], bias: torch.Tensor | None,
           block_n: int | None = None, step_bytes: int | None = None, num_warps: int | None = None,
-          pair: bool | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Fused dequantize + GEMV for one row ``x2`` [1, K] into ``out`` [1, N] (allocated when None)."""
-    N, K = f["shape"]
+          pair: bool | None = None, even_odd: bool | None = None, rows: int | None = None,
+          out: torch.Tensor | None = None) -> torch.Tensor:
+    """Fused dequantize + GEMV of ``x2`` [M, K] into ``out`` [M, N] (allocated when None)."""
+    M, K = x2.shape
+    N = f["shape"][0]
     half = f["blocksize"] // 2
     block_n = block_n or (16 if is_interpreter() else GEMV_BLOCK_N)
     step_bytes = step_bytes or (4096 if is_interpreter() else GEMV_STEP_BYTES)
     pair = GEMV_PAIR_TABLE if pair is None else pair
+    even_odd = GEMV_EVEN_ODD if even_odd is None else even_odd
+    rows = rows or min(GEMV_ROWS_PER_PROGRAM, 1 << (M - 1).bit_length())
     nb = max(1, min(step_bytes // half, 1 << max(0, (K // f["blocksize"] - 1).bit_length())))
-    y = out if out is not None else torch.empty((1, N), dtype=x2.dtype, device=x2.device)
-    absmax, table, nested_code, nested_absmax, offset, nested_bs = state_tensors(quant_state, f, x2.device, pair)
-    _nf4_gemv_kernel[(triton_cdiv(N, block_n),)](
-        x2, data, absmax, table, nested_code, nested_absmax, offset, bias if bias is not None else x2, y, N, K,
-        HALF_BS=half, BLOCK_N=block_n, NB=nb, NESTED=f["nested"], NESTED_BS=nested_bs,
-        HAS_BIAS=bias is not None, PAIR=pair, num_warps=num_warps or GEMV_NUM_WARPS,
-    )
-    return y
-
-
-def _fused_dot(x2: torch.Tensor, data: torch.Tensor, quant_state: Any, f: dict[str, Any], bias: torch.Tensor | None,
-               block_m: int | None = None, block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None,
-               num_stages: int | None = None, pair: bool | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Fused dequantize + tl.dot for ``x2`` [M, K] into ``out`` [M, N] (allocated when None)."""
-    M, K = x2.shape
-    N = f["shape"][0]
-    half = f["blocksize"] // 2
-    block_m = block_m or min(64, max(16, 1 << (M - 1).bit_length()))  # tl.dot tiles need >= 16 rows
-    block_n, block_k = block_n or DOT_BLOCK_N, block_k or DOT_BLOCK_K
-    pair = DOT_PAIR_TABLE if pair is None else pair
-    nb = max(1, block_k // f["blocksize"])
     y = out if out is not None else torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     absmax, table, nested_code, nested_absmax, offset, nested_bs = state_tensors(quant_state, f, x2.device, pair)
-    grid = (triton_cdiv(M, block_m), triton_cdiv(N, block_n))
-    _nf4_dot_kernel[grid](
+    grid = (triton_cdiv(N, block_n), triton_cdiv(M, rows))
+    _nf4_gemv_kernel[grid](
         x2, data, absmax, table, nested_code, nested_absmax, offset, bias if bias is not None else x2, y, M, N, K,
-        HALF_BS=half, BLOCK_M=block_m, BLOCK_N=block_n, NB=nb, NESTED=f["nested"], NESTED_BS=nested_bs,
-        HAS_BIAS=bias is not None, DOT_FP32=x2.dtype == torch.float32 or is_interpreter(), PAIR=pair,
-        num_warps=num_warps or DOT_NUM_WARPS, num_stages=num_stages or DOT_NUM_STAGES,
+        HALF_BS=half, BLOCK_N=block_n, NB=nb, ROWS=rows, NESTED=f["nested"], NESTED_BS=nested_bs,
+        HAS_BIAS=bias is not None, PAIR=pair, EVEN_ODD=even_odd, num_warps=num_warps or GEMV_NUM_WARPS,
     )
     return y
+
 
 def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
@@ -236,10 +194,8 @@ def _forward(x: torch.Tensor, packed: torch.Tensor, quant_state: Any, bias: torc
     M = math.prod(lead)
     bias_c = bias.to(x.dtype).contiguous() if bias is not None else None
     on_triton = x.device.type == "cuda" or is_interpreter()
-    if on_triton and x.dtype != torch.float64 and M >= 1 and _fused_ok(f, K, M):
-        data = _packed_bytes(packed, f["numel"])
-        x2 = x.reshape(M, K).contiguous()
-        y = _gemv(x2, data, quant_state, f, bias_c) if M == 1 else _fused_dot(x2, data, quant_state, f, bias_c)
+    if on_triton and x.dtype != torch.float64 and _gemv_ok(f, K, M):
+        y = _gemv(x.reshape(M, K).contiguous(), _packed_bytes(packed, f["numel"]), quant_state, f, bias_c)
         return y.reshape(*lead, N)
     w = _dequantize_for(packed, quant_state, x.dtype)
     y = torch.matmul(x, w.t())

@@ -4,16 +4,18 @@ Used by ``scripts/bench_kernels.py`` (``bench_nf4(...)`` returns table rows); ru
 
     python scripts/bench_kernels_nf4.py [--sweep] [--json OUT.json]
 
-Bytes counted (each input read once, each output written once): dequantize = packed + uint8 absmax +
-output; GEMV = packed + absmax + x + y. ``frac_copy`` is GB/s over a device-to-device copy measured in
-the same run (bytes read + bytes written). ``--sweep`` also times the launch parameters of our kernels
-(bytes per program, rows per program, warps, code-table variant) to choose the defaults.
+Times: ``ms`` is ``triton.testing.do_bench`` (median, L2 flushed) of the eager call, as a user sees it;
+``ms_graph`` the same for a CUDA-graph replay of the call (GPU time, without Python and launch cost);
+``host_us`` the host time per call of back-to-back eager calls. Bytes counted (each input read once,
+each output written once): dequantize = packed + uint8 absmax + output; GEMV = packed + absmax + x + y.
+``frac_copy`` is GB/s over a device-to-device copy measured in the same run (bytes read + written).
+``--sweep`` first times our kernels' launch parameters (GPU time, each config checked against the
+reference) and uses the fastest for the rest of the run.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 from typing import Any, Callable
@@ -35,6 +37,48 @@ def _do_bench(fn: Callable[[], Any]) -> float:
     return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
+def _graph_bench(fn: Callable[[], Any]) -> float:
+    """Median ms of one CUDA-graph replay of ``fn``: GPU time without Python/launch overhead."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return _do_bench(graph.replay)
+
+
+def _host_us(fn: Callable[[], Any], calls: int = 200) -> float:
+    """Host microseconds per call (enqueue cost) over back-to-back calls."""
+    import time
+
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+def measure(fn: Callable[[], Any], *, graph: bool = True, host: bool = True) -> dict:
+    """``ms`` (do_bench, eager), ``ms_graph`` (CUDA-graph replay), ``host_us`` (enqueue cost per call)."""
+    t = {"ms": _do_bench(fn)}
+    if graph:
+        try:
+            t["ms_graph"] = _graph_bench(fn)
+        except Exception:  # not capturable: leave the column empty
+            t["ms_graph"] = None
+    if host:
+        t["host_us"] = _host_us(fn)
+    return t
+
+
 def copy_bandwidth(device: str = "cuda", nbytes: int = 1 << 28) -> float:
     """GB/s of a device-to-device copy (bytes read + bytes written)."""
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
@@ -51,29 +95,39 @@ def _quantized(n_out: int, n_in: int, device: str, blocksize: int = 64, quant_ty
     return F.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=double_quant)
 
 
-def _row(section: str, case: str, impl: str, ms: float, nbytes: int | None, copy_gbps: float, **extra) -> dict:
-    gbps = nbytes / ms / 1e6 if nbytes else None
-    row = dict(section=section, case=case, impl=impl, ms=round(ms, 5),
-               gbps=round(gbps, 1) if gbps else None, frac_copy=round(gbps / copy_gbps, 3) if gbps else None)
+def _row(section: str, case: str, impl: str, t: dict, nbytes: int | None, copy_gbps: float, **extra) -> dict:
+    row = dict(section=section, case=case, impl=impl)
+    for key, suffix in (("ms", ""), ("ms_graph", "_graph")):
+        ms = t.get(key)
+        row[key] = round(ms, 5) if ms else None
+        gbps = nbytes / ms / 1e6 if (nbytes and ms) else None
+        row["gbps" + suffix] = round(gbps, 1) if gbps else None
+        row["frac_copy" + suffix] = round(gbps / copy_gbps, 3) if gbps else None
+    row["host_us"] = round(t["host_us"], 1) if t.get("host_us") else None
     row.update(extra)
     return row
 
 
 def _with_ratios(rows: list[dict], baseline: str = "bitsandbytes") -> list[dict]:
-    """Add ``speedup_vs_bnb`` (baseline ms / ms) to every row of a case that has a baseline row."""
-    base = {(r["section"], r["case"]): r["ms"] for r in rows if r["impl"] == baseline}
-    for r in rows:
-        b = base.get((r["section"], r["case"]))
-        r["speedup_vs_bnb"] = round(b / r["ms"], 2) if b else None
+    """Add ``speedup_vs_bnb`` (and ``_graph``): baseline ms / ms, per case that has a baseline row."""
+    for key in ("ms", "ms_graph"):
+        base = {(r["section"], r["case"]): r.get(key) for r in rows if r["impl"] == baseline}
+        for r in rows:
+            b = base.get((r["section"], r["case"]))
+            r["speedup_vs_bnb" + key[2:]] = round(b / r[key], 2) if (b and r.get(key)) else None
     return rows
 
 
-def _safe(log: Callable, what: str, fn: Callable[[], float]) -> float | None:
+def _safe(log: Callable, what: str, fn: Callable[[], Any]) -> Any:
     try:
         return fn()
     except Exception as exc:  # a config that fails to compile must not end the run
         log(f"  {what}: FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
         return None
+
+
+def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref.float()).norm() / ref.float().norm())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -89,17 +143,19 @@ def bench_dequantize(device: str, copy_gbps: float, log: Callable) -> list[dict]
         packed, qs = _quantized(n, k, device, bs, dtype=dtype)
         nbytes = packed.numel() + qs.absmax.numel() + n * k * dtype.itemsize
         out = torch.empty(n, k, dtype=dtype, device=device)
+        ours = dequantize_nf4(packed, qs, dtype)
+        exact = bool(torch.equal(ours, F.dequantize_4bit(packed, qs)))
         for impl, fn in [("qconv", lambda: dequantize_nf4(packed, qs, dtype, out=out)),
                          ("bitsandbytes", lambda: F.dequantize_4bit(packed, qs, out=out))]:
-            ms = _safe(log, f"dequantize {case} {impl}", lambda: _do_bench(fn))
-            if ms:
-                rows.append(_row("dequantize", case, impl, ms, nbytes, copy_gbps))
+            t = _safe(log, f"dequantize {case} {impl}", lambda: measure(fn))
+            if t:
+                rows.append(_row("dequantize", case, impl, t, nbytes, copy_gbps,
+                                 check=f"bitwise={exact}" if impl == "qconv" else None))
     return rows
 
 
 def bench_gemv(device: str, copy_gbps: float, log: Callable) -> list[dict]:
     import bitsandbytes as bnb
-    import bitsandbytes.functional as F
 
     from qconv.kernels import dequantize_nf4, matmul_nf4
 
@@ -108,43 +164,42 @@ def bench_gemv(device: str, copy_gbps: float, log: Callable) -> list[dict]:
         packed, qs = _quantized(n, k, device)
         x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
         nbytes = packed.numel() + qs.absmax.numel() + 2 * (n + k)
+        ref = x.double() @ dequantize_nf4(packed, qs, torch.float32).double().t()
         impls = [("qconv", lambda: matmul_nf4(x, packed, qs)),
                  ("bitsandbytes", lambda: bnb.matmul_4bit(x, packed.t(), qs)),
-                 ("bnb gemv_4bit", lambda: F.gemv_4bit(x, packed.t(), state=qs)),
                  ("dequant+matmul", lambda: x @ dequantize_nf4(packed, qs, torch.bfloat16).t())]
         for impl, fn in impls:
-            ms = _safe(log, f"gemv {case} {impl}", lambda: _do_bench(fn))
-            if ms:
-                rows.append(_row("gemv 1 row", case, impl, ms, nbytes, copy_gbps))
+            err = _safe(log, f"gemv {case} {impl} check", lambda: _rel_err(fn(), ref))
+            t = _safe(log, f"gemv {case} {impl}", lambda: measure(fn))
+            if t:
+                rows.append(_row("gemv 1 row", case, impl, t, nbytes, copy_gbps,
+                                 check=f"rel_err={err:.1e}" if err is not None else None))
     return rows
 
 
 def bench_rows(device: str, copy_gbps: float, log: Callable) -> list[dict]:
-    """Few rows (batched decoding): fused tl.dot vs dequantize + torch.matmul vs bitsandbytes."""
+    """Few rows (batched decoding) through 14336x4096: matmul_nf4 vs dequantize + matmul vs bitsandbytes."""
     import bitsandbytes as bnb
 
-    from qconv.kernels import nf4_matmul
-    from qconv.kernels.nf4_dequantize import _packed_bytes, _state_fields, dequantize_nf4
+    from qconv.kernels import dequantize_nf4, matmul_nf4
 
     rows = []
     n, k = BIG
     packed, qs = _quantized(n, k, device)
-    f = _state_fields(qs)
-    data = _packed_bytes(packed, f["numel"])
-    for m in (2, 4, 8, 16, 32, 64):
+    for m in (2, 4, 8, 16):
         x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
-        impls = [("fused tl.dot", lambda: nf4_matmul._fused_dot(x, data, qs, f, None)),
+        impls = [("qconv", lambda: matmul_nf4(x, packed, qs)),
                  ("dequant+matmul", lambda: x @ dequantize_nf4(packed, qs, torch.bfloat16).t()),
                  ("bitsandbytes", lambda: bnb.matmul_4bit(x, packed.t(), qs))]
         for impl, fn in impls:
-            ms = _safe(log, f"rows {m} {impl}", lambda: _do_bench(fn))
-            if ms:
-                rows.append(_row("few rows 14336x4096", f"M={m}", impl, ms, None, copy_gbps))
+            t = _safe(log, f"rows {m} {impl}", lambda: measure(fn, host=False))
+            if t:
+                rows.append(_row("few rows 14336x4096", f"M={m}", impl, t, None, copy_gbps))
     return rows
 
 
 def bench_training(device: str, copy_gbps: float, log: Callable) -> list[dict]:
-    """4096 tokens through 14336x4096, forward and forward+backward (grad to x only)."""
+    """TRAIN_TOKENS tokens through 14336x4096, forward and forward+backward (grad to x only)."""
     import bitsandbytes as bnb
 
     from qconv.kernels import matmul_nf4
@@ -166,22 +221,22 @@ def bench_training(device: str, copy_gbps: float, log: Callable) -> list[dict]:
              ("bf16 linear (no quant)", lambda: x @ w.t())]
     for impl, fn in impls:
         with torch.no_grad():
-            ms = _safe(log, f"train fwd {impl}", lambda: _do_bench(fn))
-        if ms:
-            rows.append(_row("4096 tokens 14336x4096", "forward", impl, ms, None, copy_gbps))
-        ms = _safe(log, f"train fwd+bwd {impl}", lambda: _do_bench(fwd_bwd(fn)))
-        if ms:
-            rows.append(_row("4096 tokens 14336x4096", "forward+backward", impl, ms, None, copy_gbps))
+            t = _safe(log, f"train fwd {impl}", lambda: measure(fn, graph=False, host=False))
+        if t:
+            rows.append(_row(f"{TRAIN_TOKENS} tokens 14336x4096", "forward", impl, t, None, copy_gbps))
+        t = _safe(log, f"train fwd+bwd {impl}", lambda: measure(fwd_bwd(fn), graph=False, host=False))
+        if t:
+            rows.append(_row(f"{TRAIN_TOKENS} tokens 14336x4096", "forward+backward", impl, t, None, copy_gbps))
     return rows
 
 
 # --------------------------------------------------------------------------------------------------
-# Launch-parameter sweeps (to choose the defaults in kernels/nf4_*.py)
+# Launch-parameter sweeps: GPU time (CUDA-graph replay), each config checked against the reference
 # --------------------------------------------------------------------------------------------------
-def _sweep_inputs(device: str):
+def _sweep_inputs(device: str, shape=None):
     from qconv.kernels import nf4_dequantize as nd
 
-    n, k = BIG
+    n, k = shape or BIG
     packed, qs = _quantized(n, k, device)
     f = nd._state_fields(qs)
     return n, k, packed, qs, f, nd._packed_bytes(packed, f["numel"])
@@ -192,14 +247,23 @@ def sweep_dequantize(device: str, copy_gbps: float, log: Callable) -> list[dict]
 
     rows = []
     n, k, packed, qs, f, data = _sweep_inputs(device)
+    ref = nd.dequantize_nf4_reference(packed, qs, torch.bfloat16)
     out = torch.empty(n * k, dtype=torch.bfloat16, device=device)
     nbytes = packed.numel() + qs.absmax.numel() + 2 * n * k
-    for bpp, warps, pair in itertools.product((2048, 4096, 8192, 16384), (4, 8, 16), (True, False)):
-        ms = _safe(log, f"sweep dequant {bpp} {warps} {pair}", lambda: _do_bench(
-            lambda: nd._launch_dequantize(data, qs, f, out, bytes_per_program=bpp, num_warps=warps, pair=pair)))
-        if ms:
-            rows.append(_row("sweep dequantize", f"bytes={bpp} warps={warps} pair={pair}", "qconv", ms, nbytes, copy_gbps))
+    configs = [(b, w, False) for b in (2048, 4096, 8192) for w in (4, 8)] + [(4096, 8, True), (4096, 16, False)]
+    for bpp, warps, pair in configs:
+        def run():
+            return nd._launch_dequantize(data, qs, f, out, bytes_per_program=bpp, num_warps=warps, pair=pair)
+        ok = _safe(log, f"sweep dequant {bpp} {warps} {pair}", lambda: bool(torch.equal(run().view(n, k), ref)))
+        t = _safe(log, f"sweep dequant {bpp} {warps} {pair}", lambda: {"ms_graph": _graph_bench(run)}) if ok else None
+        if t:
+            rows.append(_row("sweep dequantize", f"bytes={bpp} warps={warps} pair={pair}", "qconv", t, nbytes,
+                             copy_gbps, params=dict(bytes_per_program=bpp, num_warps=warps, pair=pair)))
     return rows
+
+
+GEMV_SWEEP = [(bn, step) for bn, step in ((1, 2048), (2, 1024), (2, 2048), (4, 512), (4, 1024), (8, 256), (8, 512),
+                                            (16, 256), (16, 512), (32, 128), (32, 256), (64, 128))]
 
 
 def sweep_gemv(device: str, copy_gbps: float, log: Callable) -> list[dict]:
@@ -208,35 +272,97 @@ def sweep_gemv(device: str, copy_gbps: float, log: Callable) -> list[dict]:
     rows = []
     n, k, packed, qs, f, data = _sweep_inputs(device)
     x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
+    ref = (x.double() @ _dequant_ref(packed, qs).t()).float()
     nbytes = packed.numel() + qs.absmax.numel() + 2 * (n + k)
-    gemv_grid = [(bn, step, w, p) for bn, step in ((2, 1024), (4, 512), (4, 1024), (8, 256), (8, 512), (16, 128),
-                                                   (16, 256), (32, 128), (1, 2048))
-                 for w in (4, 8) for p in (True, False)]
-    for bn, step, warps, pair in gemv_grid:
-        ms = _safe(log, f"sweep gemv {bn} {step} {warps} {pair}", lambda: _do_bench(
-            lambda: nm._gemv(x, data, qs, f, None, block_n=bn, step_bytes=step, num_warps=warps, pair=pair)))
-        if ms:
-            rows.append(_row("sweep gemv", f"block_n={bn} step={step} warps={warps} pair={pair}", "qconv", ms, nbytes, copy_gbps))
+    configs = [(bn, step, w, False, True) for bn, step in GEMV_SWEEP for w in (4, 8)]
+    configs += [(bn, step, 4, False, False) for bn, step in GEMV_SWEEP]
+    configs += [(8, 512, 4, True, True), (4, 1024, 4, True, True), (16, 256, 4, True, True)]
+    for bn, step, warps, pair, eo in configs:
+        def run():
+            return nm._gemv(x, data, qs, f, None, block_n=bn, step_bytes=step, num_warps=warps, pair=pair,
+                            even_odd=eo, rows=1)
+        err = _safe(log, f"sweep gemv {bn} {step} {warps} {pair} {eo}", lambda: _rel_err(run(), ref))
+        t = _safe(log, f"sweep gemv {bn} {step} {warps} {pair} {eo}", lambda: {"ms_graph": _graph_bench(run)}) \
+            if err is not None and err < 1e-2 else None
+        if t:
+            rows.append(_row("sweep gemv", f"block_n={bn} step={step} warps={warps} pair={pair} even_odd={eo}",
+                             "qconv", t, nbytes, copy_gbps, check=f"rel_err={err:.1e}",
+                             params=dict(block_n=bn, step_bytes=step, num_warps=warps, pair=pair, even_odd=eo)))
     return rows
 
 
-def sweep_dot(device: str, copy_gbps: float, log: Callable) -> list[dict]:
+def sweep_rows(device: str, copy_gbps: float, log: Callable) -> list[dict]:
+    """GEMV with several rows of x (rows per program 1..8) against dequantize + matmul."""
     from qconv.kernels import nf4_matmul as nm
+    from qconv.kernels.nf4_dequantize import dequantize_nf4
 
     rows = []
     n, k, packed, qs, f, data = _sweep_inputs(device)
-    x16 = torch.randn(16, k, device=device, dtype=torch.bfloat16)
-    for bn, bk, warps, stages, pair in [(64, 128, 4, 3, True), (64, 128, 4, 3, False), (32, 128, 4, 3, True),
-                                        (128, 128, 4, 3, True), (64, 256, 4, 3, True), (64, 64, 4, 3, True),
-                                        (64, 128, 4, 2, True), (64, 128, 4, 4, True), (128, 128, 8, 3, True),
-                                        (32, 256, 4, 3, True), (128, 64, 4, 4, True)]:
-        ms = _safe(log, f"sweep dot {bn} {bk} {warps} {stages} {pair}", lambda: _do_bench(
-            lambda: nm._fused_dot(x16, data, qs, f, None, block_n=bn, block_k=bk, num_warps=warps,
-                                  num_stages=stages, pair=pair)))
-        if ms:
-            rows.append(_row("sweep dot M=16", f"block_n={bn} block_k={bk} warps={warps} stages={stages} pair={pair}",
-                             "qconv", ms, None, copy_gbps))
+    w_ref = _dequant_ref(packed, qs)
+    for m in (2, 3, 4, 8, 16):
+        x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+        ref = (x.double() @ w_ref.t()).float()
+        t = _safe(log, f"sweep rows {m} dequant+matmul",
+                  lambda: {"ms_graph": _graph_bench(lambda: x @ dequantize_nf4(packed, qs, torch.bfloat16).t())})
+        if t:
+            rows.append(_row("sweep rows", f"M={m}", "dequant+matmul", t, None, copy_gbps, params=dict(m=m, rows=0)))
+        for rpp in (1, 2, 4, 8):
+            if rpp > 2 * m:
+                continue
+
+            def run():
+                return nm._gemv(x, data, qs, f, None, rows=rpp)
+            err = _safe(log, f"sweep rows {m} gemv rows={rpp}", lambda: _rel_err(run(), ref))
+            t = _safe(log, f"sweep rows {m} gemv rows={rpp}", lambda: {"ms_graph": _graph_bench(run)}) \
+                if err is not None and err < 1e-2 else None
+            if t:
+                rows.append(_row("sweep rows", f"M={m}", f"gemv rows/program={rpp}", t, None, copy_gbps,
+                                 check=f"rel_err={err:.1e}", params=dict(m=m, rows=rpp)))
     return rows
+
+
+def _dequant_ref(packed, qs) -> torch.Tensor:
+    from qconv.kernels.nf4_dequantize import dequantize_nf4_reference
+
+    return dequantize_nf4_reference(packed, qs, torch.float32).double()
+
+
+def apply_best(rows: list[dict], log: Callable) -> dict:
+    """Set the module defaults to the fastest checked configs of the sweeps (GPU time); returns them."""
+    from qconv.kernels import nf4_dequantize as nd
+    from qconv.kernels import nf4_matmul as nm
+
+    chosen = {}
+    deq = [r for r in rows if r["section"] == "sweep dequantize" and r.get("ms_graph")]
+    if deq:
+        p = min(deq, key=lambda r: r["ms_graph"])["params"]
+        nd.DEFAULT_BYTES_PER_PROGRAM, nd.DEFAULT_NUM_WARPS, nd.DEFAULT_PAIR_TABLE = \
+            p["bytes_per_program"], p["num_warps"], p["pair"]
+        chosen["dequantize"] = p
+    gemv = [r for r in rows if r["section"] == "sweep gemv" and r.get("ms_graph")]
+    if gemv:
+        p = min(gemv, key=lambda r: r["ms_graph"])["params"]
+        nm.GEMV_BLOCK_N, nm.GEMV_STEP_BYTES, nm.GEMV_NUM_WARPS, nm.GEMV_PAIR_TABLE, nm.GEMV_EVEN_ODD = \
+            p["block_n"], p["step_bytes"], p["num_warps"], p["pair"], p["even_odd"]
+        chosen["gemv"] = p
+    few = [r for r in rows if r["section"] == "sweep rows" and r.get("ms_graph")]
+    if few:
+        best_rpp, max_rows = {}, 1
+        for m in sorted({r["params"]["m"] for r in few}):
+            at_m = [r for r in few if r["params"]["m"] == m]
+            base = [r["ms_graph"] for r in at_m if r["params"]["rows"] == 0]
+            kern = [r for r in at_m if r["params"]["rows"] > 0]
+            if base and kern:
+                best = min(kern, key=lambda r: r["ms_graph"])
+                if best["ms_graph"] < base[0]:
+                    max_rows = m
+                    best_rpp[m] = best["params"]["rows"]
+        nm.GEMV_MAX_ROWS = max_rows
+        if best_rpp:
+            nm.GEMV_ROWS_PER_PROGRAM = max(best_rpp.values())
+        chosen["rows"] = dict(max_rows=nm.GEMV_MAX_ROWS, rows_per_program=nm.GEMV_ROWS_PER_PROGRAM, per_m=best_rpp)
+    log(f"[bench_nf4] chosen defaults: {json.dumps(chosen)}")
+    return chosen
 
 
 # --------------------------------------------------------------------------------------------------
@@ -244,24 +370,31 @@ def sweep_dot(device: str, copy_gbps: float, log: Callable) -> list[dict]:
 # --------------------------------------------------------------------------------------------------
 def bench_nf4(device: str = "cuda", *, copy_gbps: float | None = None, sweep_params: bool = False,
               log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> list[dict]:
-    """Run the NF4 benchmarks; returns rows ``{section, case, impl, ms, gbps, frac_copy, speedup_vs_bnb}``."""
+    """Run the NF4 benchmarks; returns rows ``{section, case, impl, ms, ms_graph, gbps, frac_copy, ...}``.
+
+    With ``sweep_params`` the launch-parameter sweeps run first and the fastest checked configs become
+    the module defaults for the rest of the run (``kernels/nf4_*.py`` carry the values chosen so).
+    """
     if copy_gbps is None:
         copy_gbps = copy_bandwidth(device)
-    rows = [_row("copy", "device-to-device 256 MiB", "torch copy_", 2 * (1 << 28) / copy_gbps / 1e6, 2 * (1 << 28), copy_gbps)]
-    sections = [bench_dequantize, bench_gemv, bench_rows, bench_training]
-    if sweep_params:
-        sections += [sweep_dequantize, sweep_gemv, sweep_dot]
+    rows = [_row("copy", "device-to-device 256 MiB", "torch copy_", {"ms": 2 * (1 << 28) / copy_gbps / 1e6},
+                 2 * (1 << 28), copy_gbps)]
+    sections = [sweep_dequantize, sweep_gemv, sweep_rows] if sweep_params else []
+    sections += [bench_dequantize, bench_gemv, bench_rows, bench_training]
     for section in sections:
+        if section is bench_dequantize and sweep_params:
+            apply_best(rows, log)
         log(f"[bench_nf4] {section.__name__}")
         new = section(device, copy_gbps, log)
         for r in new:  # as they come: a run cut short still shows what it measured
-            log(f"  {r['section']} | {r['case']} | {r['impl']} | {r['ms']} ms | {r['gbps']} GB/s | {r['frac_copy']}")
+            log("  " + " | ".join(f"{k}={v}" for k, v in r.items() if v is not None and k not in ("section", "params")))
         rows += new
     return _with_ratios(rows)
 
 
 def format_table(rows: list[dict]) -> str:
-    cols = ["section", "case", "impl", "ms", "gbps", "frac_copy", "speedup_vs_bnb"]
+    cols = ["section", "case", "impl", "ms", "ms_graph", "host_us", "gbps", "frac_copy", "frac_copy_graph",
+            "speedup_vs_bnb", "speedup_vs_bnb_graph", "check"]
     text = [[("" if r.get(c) is None else str(r.get(c))) for c in cols] for r in rows]
     widths = [max(len(c), *(len(t[i]) for t in text)) for i, c in enumerate(cols)]
     lines = [" | ".join(c.ljust(w) for c, w in zip(cols, widths)), "-+-".join("-" * w for w in widths)]
