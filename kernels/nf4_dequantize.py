@@ -4,7 +4,10 @@ Format (see ``docs/format.md``): element ``i`` of the flattened weight is nibble
 ``i // 2`` (high nibble first); its value is ``code[nibble] * absmax[i // blocksize]``. With double
 quant the absmax itself is stored as uint8 and is ``nested_code[q] * nested_absmax[b // 256] + offset``.
 All arithmetic is float32 and in the same order as bitsandbytes, so float32 output is bit-identical to
-``bitsandbytes.functional.dequantize_4bit``; bf16/fp16 output is that value rounded to nearest even.
+``bitsandbytes.functional.dequantize_4bit``; bf16/fp16 output is that value rounded to nearest even
+(bit-identical to bitsandbytes on CUDA; the interpreter truncates instead: within one ulp). One sign of
+zero differs: bitsandbytes' CUDA FP4 kernel returns -0.0 for the FP4 code 0b1000, where its CPU path and
+the stored code table (which we follow) give +0.0.
 
 Layout of the Triton kernel: one program dequantizes ``ROWS`` whole quantization blocks, i.e. a
 contiguous span of ``ROWS * blocksize / 2`` packed bytes, as a ``[ROWS, blocksize/2]`` tile; the block's
@@ -33,9 +36,10 @@ except ImportError:  # pragma: no cover
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
-#: Default launch parameters, chosen on an H100 (docs/benchmarks.md): packed bytes per program, warps.
-DEFAULT_BYTES_PER_PROGRAM = 4096
-DEFAULT_NUM_WARPS = 8
+#: Default launch parameters, chosen by the H100 sweep in docs/benchmarks.md (2048 B/4 warps and
+#: 4096 B/8 warps were within 1% of each other): packed bytes per program, warps.
+DEFAULT_BYTES_PER_PROGRAM = 2048
+DEFAULT_NUM_WARPS = 4
 #: Look values up per byte in a 256-entry (high, low) table instead of per nibble in the 16-entry code
 #: (slower on an H100: the 2 KB table spreads one warp's gather over many cache lines).
 DEFAULT_PAIR_TABLE = False

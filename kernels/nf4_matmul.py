@@ -4,10 +4,10 @@ Paths, by the number of rows ``M = prod(x.shape[:-1])``:
 
 * ``M <= GEMV_MAX_ROWS`` (decoding): a fused dequantize + GEMV Triton kernel. Each program owns
   ``BLOCK_N`` output features and up to ``ROWS`` rows of x and walks the whole ``K`` axis, reading each
-  packed byte once as a ``[BLOCK_N, NB, bs/2]`` tile (``NB`` quantization blocks per step). The high and
-  low nibbles meet the even and odd elements of x (no interleave of the weight tile); the per-block dot
-  product is reduced first and scaled by the block's absmax once, so the absmax (and its nested
-  dequantization) costs one gather per block.
+  packed byte once as a ``[BLOCK_N, NB, bs/2]`` tile (``NB`` quantization blocks per step). The nibble
+  values are interleaved into weight order (or, as a variant, meet the even and odd elements of x);
+  the per-block dot product is reduced first and scaled by the block's absmax once, so the absmax (and
+  its nested dequantization) costs one gather per block.
 * larger ``M``: dequantize W once (``dequantize_nf4``) and call ``torch.matmul`` (cuBLAS). A fused
   dequantize + ``tl.dot`` kernel was measured slower than this at every M on an H100 (docs/benchmarks.md).
 
@@ -34,12 +34,13 @@ if HAS_TRITON:
 #: GEMV launch parameters (H100 sweep, docs/benchmarks.md): features per program, packed bytes per
 #: feature per step, warps, code lookup (True: one gather per byte from a 256-entry pair table),
 #: x split into even/odd elements (True) or the weight tile interleaved (False).
-GEMV_BLOCK_N = 8
-GEMV_STEP_BYTES = 512
+GEMV_BLOCK_N = 4
+GEMV_STEP_BYTES = 1024
 GEMV_NUM_WARPS = 4
 GEMV_PAIR_TABLE = False
-GEMV_EVEN_ODD = True
-#: Rows of x per GEMV program (a power of two), and the largest M that takes the GEMV path.
+GEMV_EVEN_ODD = False
+#: Rows of x per GEMV program (a power of two), and the largest M that takes the GEMV path (above it
+#: dequantize + torch.matmul was faster on the H100).
 GEMV_ROWS_PER_PROGRAM = 4
 GEMV_MAX_ROWS = 4
 

@@ -202,8 +202,14 @@ def test_gpu_matches_bitsandbytes(dtype, quant_type, double_quant, shape, blocks
     packed, state = quantize(shape, blocksize, quant_type, double_quant, dtype=dtype, device="cuda")
     expected = bnb_dequantize(packed, state)
     got = run_kernel(packed, state, dtype)
-    if dtype == torch.float32:
+    if dtype == torch.float32 and quant_type == "nf4":
         assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
+    elif dtype == torch.float32:
+        # bitsandbytes' CUDA FP4 kernel gives -0.0 for the negative-zero code (its CPU path and the
+        # stored code table give +0.0): equal values, and bitwise equal wherever the value is not zero
+        assert torch.equal(got, expected)
+        nonzero = expected != 0
+        assert torch.equal(got[nonzero].view(torch.int32), expected[nonzero].view(torch.int32))
     else:
         assert int(ulp_distance(got, expected).max()) <= 1
     exact = REFERENCE(packed, state, torch.float64, compute_dtype=torch.float64)
