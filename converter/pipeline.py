@@ -6,7 +6,9 @@ the one being quantized, and the output shards (one filling, one being written).
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,6 +38,8 @@ def write_tensors(
     """Write every planned tensor into shards in ``out_dir``; return (stats, {file name: sha256})."""
     from tqdm.auto import tqdm
 
+    if device.type == "cpu":
+        limit_heap_fragmentation()
     todo = [t for t in plan.tensors if t.action != DROP]
     by_name = {t.source_name: t for t in todo}
     source_bytes = sum(checkpoint.infos[t.source_name].nbytes for t in todo)
@@ -85,3 +89,25 @@ def write_tensors(
         "model_class": plan.model_class,
     }
     return stats, dict(written.files)
+
+
+_HEAP_LIMITED = False
+
+
+def limit_heap_fragmentation() -> None:
+    """On glibc, serve every allocation of 1 MiB or more with its own mmap (a fixed ``M_MMAP_THRESHOLD``).
+
+    Quantizing on the CPU allocates large temporaries between the small long-lived output tensors; with
+    glibc's default dynamic threshold those temporaries come from the heap, which then cannot shrink, and
+    peak RSS grows with the model (measured: +740 MiB instead of +90 MiB for a 390 MB model held in one
+    shard). This setting is process-wide and stays after the conversion; it is a no-op off glibc.
+    """
+    global _HEAP_LIMITED
+    if _HEAP_LIMITED or not sys.platform.startswith("linux"):
+        return
+    _HEAP_LIMITED = True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(ctypes.c_int(-3), ctypes.c_int(1 << 20))  # M_MMAP_THRESHOLD = -3
+    except (OSError, AttributeError):  # musl or another libc: nothing to do
+        logger.debug("mallopt unavailable; heap fragmentation not limited")

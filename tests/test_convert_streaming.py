@@ -3,8 +3,9 @@
 Two conversions run in fresh subprocesses with the same layer widths (so the same largest tensor): a
 1-layer model (the baseline: interpreter, imports, skeleton, buffers) and a ~390 MB bf16 model with 14
 layers. The big one may use at most HEADROOM more peak RSS than the baseline, although its source is
-~2.6x HEADROOM. Each child reports its own ``getrusage(RUSAGE_SELF).ru_maxrss``: the parent's
-``RUSAGE_CHILDREN`` would also include every other subprocess this pytest run has waited for.
+~3.7x HEADROOM. Each child reports its own peak RSS as ``VmHWM`` from ``/proc/self/status``: on Linux
+``getrusage`` (``RUSAGE_SELF`` in the child as well as ``RUSAGE_CHILDREN`` in the parent) carries the
+pytest parent's peak across fork+exec, so it would hide the child's own peak under the parent's.
 """
 
 from __future__ import annotations
@@ -17,15 +18,16 @@ from pathlib import Path
 import pytest
 import torch
 
-HEADROOM = 150 * 2**20
+HEADROOM = 100 * 2**20
 WIDTHS = dict(hidden_size=1024, intermediate_size=3072, num_attention_heads=16, num_key_value_heads=16,
               vocab_size=4096, max_position_embeddings=256)
 
 CHILD = r"""
-import json, resource, sys
+import json, re, sys
 from qconv.converter.convert import convert
 result = convert(sys.argv[1], sys.argv[2], device="cpu", progress=False, max_shard_size="8MB", fix_tokenizer=False)
-print(json.dumps({"maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "stats": result.stats}))
+status = open("/proc/self/status").read()
+print(json.dumps({"maxrss_kib": int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)), "stats": result.stats}))
 """
 
 
@@ -65,10 +67,11 @@ def _convert_in_child(src: Path, out: Path) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc for VmHWM")
 def test_peak_rss_does_not_grow_with_model_size(tmp_path):
     small_bytes = _random_checkpoint(tmp_path / "small", layers=1)
     big_bytes = _random_checkpoint(tmp_path / "big", layers=14)
-    assert big_bytes > 2.5 * HEADROOM and big_bytes > 10 * small_bytes / 2
+    assert big_bytes > 3.5 * HEADROOM and big_bytes > 10 * small_bytes / 2
     small = _convert_in_child(tmp_path / "small", tmp_path / "small-out")
     big = _convert_in_child(tmp_path / "big", tmp_path / "big-out")
     assert big["stats"]["quantized_tensors"] == 14 * 7 and big["stats"]["source_bytes"] == big_bytes
