@@ -2,11 +2,18 @@
 
 Public functions are exported lazily: ``import qconv.kernels`` does not import triton; the first
 attribute access (``qconv.kernels.rms_norm``) imports the submodule that defines it.
+
+Several functions share their submodule's name (``rms_norm``, ``swiglu``, ``cross_entropy``). Python
+binds a submodule to its package when it is first imported, by any route; this package keeps the
+function under the public name instead, so ``qconv.kernels.rms_norm`` is always the function. Reach a
+submodule with ``from qconv.kernels.rms_norm import ...`` or ``importlib.import_module``.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 #: public name -> submodule of qconv.kernels that defines it
@@ -30,6 +37,23 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
     globals()[name] = value  # cache: later lookups skip __getattr__
     return value
+
+
+class _KernelsPackage(types.ModuleType):
+    """The package's module type: binding an exported name to a submodule binds its function instead."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            exported = [n for n, m in _EXPORTS.items() if m == name]
+            for other in exported:  # e.g. loading swiglu.py exports both swiglu and geglu
+                if hasattr(value, other):
+                    super().__setattr__(other, getattr(value, other))
+            if hasattr(value, name):
+                return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _KernelsPackage
 
 
 def __dir__() -> list[str]:

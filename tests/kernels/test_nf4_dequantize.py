@@ -183,11 +183,24 @@ def test_bad_inputs_raise_qconv_error():
         nf4.dequantize_nf4(packed, state)
 
 
-def test_import_is_lazy():
-    code = ("import sys, qconv.kernels as k; assert 'triton' not in sys.modules; "
-            "assert {'dequantize_nf4', 'matmul_nf4', 'rms_norm', 'apply_rope', 'swiglu', 'geglu', "
-            "'cross_entropy'} <= set(dir(k))")
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+def test_import_is_lazy_and_names_stay_functions():
+    """No triton on import; every public name is the function, whichever way its submodule was loaded."""
+    code = "\n".join([
+        "import importlib, sys, types, qconv.kernels as k",
+        "assert 'triton' not in sys.modules",
+        "names = set(k._EXPORTS)",
+        "assert {'dequantize_nf4', 'matmul_nf4', 'rms_norm', 'apply_rope', 'swiglu', 'geglu', 'cross_entropy'} <= names",
+        "assert names <= set(dir(k))",
+        "k.geglu  # loads swiglu.py through the package",
+        "for module in sorted(set(k._EXPORTS.values())):",
+        "    importlib.import_module('qconv.kernels.' + module)  # and the rest directly",
+        "from qconv.kernels.rms_norm import rms_norm",
+        "for name in sorted(names):",
+        "    value = getattr(k, name)",
+        "    assert callable(value) and not isinstance(value, types.ModuleType), (name, value)",
+        "    assert value is getattr(sys.modules['qconv.kernels.' + k._EXPORTS[name]], name), name",
+    ])
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 # --------------------------------------------------------------------------------------------------
