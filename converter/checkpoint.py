@@ -14,6 +14,7 @@ import logging
 import os
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
@@ -191,15 +192,40 @@ def _read_safetensors(info: TensorInfo, buffer: torch.Tensor | None) -> torch.Te
         mv = memoryview(view.numpy())
         try:
             with open(info.file, "rb", buffering=0) as f:
-                got = 0
-                while got < nbytes:  # preadv may return short counts for very large reads
-                    n = os.preadv(f.fileno(), [mv[got:]], info.offset + got)
-                    if n <= 0:
-                        raise QconvError(f"{info.file}: unexpected end of file reading {info.name!r}")
-                    got += n
+                chunks = [(start, min(nbytes, start + READ_CHUNK)) for start in range(0, nbytes, READ_CHUNK)]
+                if len(chunks) == 1:
+                    _pread_exact(f.fileno(), mv, info.offset, 0, nbytes, info)
+                else:  # big tensors: a few threads read chunks at once (page cache -> memory is not one core's job)
+                    pool = _read_pool()
+                    futures = [pool.submit(_pread_exact, f.fileno(), mv, info.offset, a, b, info) for a, b in chunks]
+                    for fut in futures:
+                        fut.result()
         except OSError as exc:
             raise QconvError(f"{info.file}: cannot read tensor {info.name!r} ({exc})") from exc
     return view.view(info.dtype).reshape(info.shape)
+
+
+READ_CHUNK = 32 << 20
+READ_THREADS = 4
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _read_pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="qconv-read")
+        return _POOL
+
+
+def _pread_exact(fd: int, mv: memoryview, base: int, start: int, end: int, info: TensorInfo) -> None:
+    """Fill ``mv[start:end]`` from ``fd`` at ``base + start`` (preadv may return short counts)."""
+    while start < end:
+        n = os.preadv(fd, [mv[start:end]], base + start)
+        if n <= 0:
+            raise QconvError(f"{info.file}: unexpected end of file reading {info.name!r}")
+        start += n
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:

@@ -44,7 +44,9 @@ def write_tensors(
     by_name = {t.source_name: t for t in todo}
     source_bytes = sum(checkpoint.infos[t.source_name].nbytes for t in todo)
     quantizer = Quantizer(settings, device)
-    writer = ShardWriter(out_dir, max_shard_bytes)
+    expected = sum(estimate_output_bytes(t.action, checkpoint.infos[t.source_name].numel, t.dtype, settings)
+                   for t in todo)
+    writer = ShardWriter(out_dir, max_shard_bytes, expected_total=expected)
     params = quantized = kept = 0
     bar = tqdm(total=source_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="qconv convert",
                disable=not progress, leave=False)
@@ -89,6 +91,19 @@ def write_tensors(
         "model_class": plan.model_class,
     }
     return stats, dict(written.files)
+
+
+def estimate_output_bytes(action: str, numel: int, dtype: torch.dtype | None, settings: QuantSettings) -> int:
+    """Bytes one planned tensor will take in the output (exact for kept tensors, within ~200 B when quantized)."""
+    if action != QUANTIZE:
+        return numel * (dtype.itemsize if dtype is not None else 0)
+    blocks = -(-numel // settings.blocksize)
+    packed = -(-numel // 2)
+    if settings.double_quant:
+        state = blocks + 4 * -(-blocks // 256) + 4 * 256 + 4 * 16
+    else:
+        state = 4 * blocks + 4 * 16
+    return packed + state + 200  # + the packed JSON
 
 
 _HEAP_LIMITED = False

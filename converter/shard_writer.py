@@ -1,7 +1,8 @@
 """Write output tensors into safetensors shards as they fill, on a background thread, then name and index them.
 
 Tensors arrive in groups (a quantized weight and its quant-state tensors stay together in one shard).
-When the next group would push the open shard past ``max_shard_bytes`` the shard is handed to a writer
+When the next group would push the open shard past ``max_shard_bytes`` (or the shard reached its share of
+the expected total, so that shards come out about equal) the shard is handed to a writer
 thread (``safetensors.torch.save_file``, which releases the GIL) and a new one starts; while one shard is
 being written the next one fills, so host memory holds about two shards. Each written file is hashed (sha256) on a
 small thread pool. Shards get temporary names while the total is unknown; :meth:`ShardWriter.finish`
@@ -68,9 +69,13 @@ class _Shard:
 class ShardWriter:
     """Collects tensors into shards of at most ``max_shard_bytes`` and writes them in the background."""
 
-    def __init__(self, directory: Path, max_shard_bytes: int):
+    def __init__(self, directory: Path, max_shard_bytes: int, expected_total: int | None = None):
         self.directory = Path(directory)
         self.max_shard_bytes = max_shard_bytes
+        # Balance the shards when the total is known: 5.3 GB under a 5 GB limit becomes 2 x 2.65 GB, so the
+        # first shard is written while the second fills instead of both being written at the very end.
+        shards = -(-expected_total // max_shard_bytes) if expected_total else 1
+        self.target_bytes = min(max_shard_bytes, -(-expected_total // shards)) if expected_total else max_shard_bytes
         self._open = _Shard(1)
         self._written: list[_Shard] = []
         self._weight_map: dict[str, int] = {}
@@ -88,7 +93,8 @@ class ShardWriter:
         """Add tensors that belong together (kept in one shard); may hand the open shard to the writer."""
         self._raise_if_failed()
         size = sum(t.numel() * t.element_size() for t in group.values())
-        if self._open.tensors and self._open.nbytes + size > self.max_shard_bytes:
+        if self._open.tensors and (self._open.nbytes + size > self.max_shard_bytes
+                                   or self._open.nbytes >= self.target_bytes):
             self._flush()
         for name, tensor in group.items():
             if name in self._weight_map:

@@ -174,3 +174,42 @@ def test_cli_converts_and_prints_the_summary(src, tmp_path, monkeypatch):
     line = result.stdout.strip().splitlines()[-1]
     for fragment in ("params", "->", "bits/param", " s on cpu", str(out)):
         assert fragment in line, line
+
+
+def test_output_size_estimate_and_balanced_shards(src, tmp_path):
+    """The planned size is close to the real one, and shards come out about equal (not 5 GB + a remainder)."""
+    from qconv.converter.plan import build_plan
+    from qconv.converter.pipeline import estimate_output_bytes
+    from qconv.converter.source import resolve_source
+
+    settings = QuantSettings()
+    with resolve_source(src, hash_content=False) as source:
+        plan = build_plan(source.config, source.checkpoint.infos, settings)
+        expected = sum(estimate_output_bytes(t.action, source.checkpoint.infos[t.source_name].numel, t.dtype,
+                                             settings) for t in plan.tensors if t.action != "drop")
+    result = convert(src, tmp_path / "out", device="cpu", progress=False, max_shard_size=int(expected * 0.6))
+    actual = result.stats["output_bytes"]
+    assert abs(actual - expected) < 64 * result.stats["quantized_tensors"], (actual, expected)
+    sizes = [p.stat().st_size for p in sorted((tmp_path / "out").glob("model-*.safetensors"))]
+    assert 2 <= len(sizes) <= 3 and max(sizes) <= int(expected * 0.6) + 1024, sizes
+
+
+def test_shard_writer_balances_and_hashes(tmp_path):
+    from safetensors.torch import load_file
+
+    from qconv.converter.shard_writer import ShardWriter
+
+    mb = 10**6
+    writer = ShardWriter(tmp_path, max_shard_bytes=7 * mb, expected_total=10 * mb)
+    groups = [{f"t{i}": torch.full((mb // 4,), float(i))} for i in range(10)]  # 1 MB each
+    for group in groups:
+        writer.add(group)
+    written = writer.finish(total_parameters=10 * mb // 4)
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert written.shard_count == 2 and sorted(written.files) == sorted(names + ["model.safetensors.index.json"])
+    assert [len(load_file(tmp_path / n)) for n in names] == [5, 5]  # 5 + 5, not 7 + 3
+    for name, digest in written.files.items():
+        assert sha256_file(tmp_path / name) == digest
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["metadata"] == {"total_size": 10 * mb, "total_parameters": 10 * mb // 4}
+    assert index["weight_map"]["t9"] == names[1] and not list(tmp_path.glob("*.partial"))

@@ -28,6 +28,7 @@ def test_reader_matches_safetensors_for_every_dtype_and_shape(tmp_path):
         "bool": torch.tensor([True, False, True]),
         "scalar": torch.tensor(3.5),
         "empty": torch.zeros(0, 4),
+        "big": torch.randn(5_000_003, dtype=torch.float64),  # 40 MB: read in parallel 32 MiB chunks
     }
     save_file(dict(list(tensors.items())[:4]), tmp_path / "a.safetensors")
     save_file(dict(list(tensors.items())[4:]), tmp_path / "b.safetensors")
