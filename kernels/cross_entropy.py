@@ -26,10 +26,11 @@ import triton.language as tl
 
 from qconv.errors import QconvError
 from qconv.kernels.inplace import bump_version, is_graph_intermediate
-from qconv.kernels.utils import check_device, is_interpreter, next_power_of_2
+from qconv.kernels.utils import check_device, next_power_of_2
 
-#: Launch parameters (benchmarks may override them).
-TUNING = {"fwd_chunk": 8192, "fwd_warps": 8, "bwd_block": 8192, "bwd_warps": 8}
+#: Launch parameters (benchmarks may override them). grad_in_forward uses few large programs (gif_*) so
+#: that a row read by the first pass is still in L2 for the second.
+TUNING = {"fwd_chunk": 8192, "fwd_warps": 8, "bwd_block": 4096, "bwd_warps": 8, "gif_chunk": 32768, "gif_warps": 32}
 INTERPRETER_CHUNK = 16384
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -163,15 +164,20 @@ def _ce_bwd_kernel(X, DX, LABELS, LSE, GRAD, SCALE, n_cols, col_blocks, stride_x
     tl.store(dx_ptr, g.to(DX.dtype.element_ty), mask=mask)
 
 
-def _launch(n_cols: int, chunk_size: int | None) -> tuple[int, int, int, int]:
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _launch(n_cols: int, chunk_size: int | None, cuda: bool, grad_in_forward: bool = False) -> tuple[int, int, int, int]:
     """(forward chunk, forward warps, backward block, backward warps)."""
     cap = next_power_of_2(n_cols)
-    if is_interpreter():
+    if not cuda:  # the interpreter: few, large programs
         chunk = min(chunk_size or INTERPRETER_CHUNK, cap)
         return chunk, 4, min(INTERPRETER_CHUNK, cap), 4
-    chunk = min(chunk_size or TUNING["fwd_chunk"], cap)
-    warps = TUNING["fwd_warps"] if chunk_size is None else min(16, max(4, chunk // 1024))
-    return chunk, warps, min(TUNING["bwd_block"], cap), TUNING["bwd_warps"]
+    prefix = "gif" if grad_in_forward else "fwd"
+    chunk = min(chunk_size or TUNING[f"{prefix}_chunk"], cap)
+    warps = TUNING[f"{prefix}_warps"] if chunk_size is None else min(32, max(4, chunk // 1024))
+    return chunk, min(warps, max(4, chunk // 256)), min(TUNING["bwd_block"], cap), TUNING["bwd_warps"]
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -189,7 +195,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         _ce_count_kernel[(1,)](labels1, scale, n_rows, ignore_index, MEAN=reduction == "mean", BLOCK=block_rows,
                                num_warps=4)
         dx = (logits2 if reuse else torch.empty_like(logits2)) if grad_in_forward else logits2
-        chunk, warps, _, _ = _launch(n_cols, chunk_size)
+        chunk, warps, _, _ = _launch(n_cols, chunk_size, logits2.is_cuda, grad_in_forward)
         _ce_fwd_kernel[(n_rows,)](logits2, dx, labels1, loss_rows, lse, scale, n_cols, logits2.stride(0),
                                   dx.stride(0), ignore_index, float(softcap or 1.0), HAS_SOFTCAP=softcap is not None,
                                   GRAD=grad_in_forward, CHUNK=chunk, num_warps=warps)
@@ -215,16 +221,16 @@ class CrossEntropyFunction(torch.autograd.Function):
         if ctx.grad_in_forward:
             (dx,) = ctx.saved_tensors
             n_rows, n_cols = dx.shape
-            _, _, block, warps = _launch(n_cols, ctx.chunk_size)
-            col_blocks = triton.cdiv(n_cols, block)
+            _, _, block, warps = _launch(n_cols, ctx.chunk_size, dx.is_cuda)
+            col_blocks = _cdiv(n_cols, block)
             _ce_scale_kernel[(n_rows * col_blocks,)](dx, grad, n_cols, col_blocks, dx.stride(0), stride_grad,
                                                      BLOCK=block, num_warps=warps)
             return dx.detach(), None, None, None, None, None, None, None
         logits2, labels1, lse, scale = ctx.saved_tensors
         n_rows, n_cols = logits2.shape
         dx = logits2 if ctx.reuse else torch.empty_like(logits2)
-        _, _, block, warps = _launch(n_cols, ctx.chunk_size)
-        col_blocks = triton.cdiv(n_cols, block)
+        _, _, block, warps = _launch(n_cols, ctx.chunk_size, logits2.is_cuda)
+        col_blocks = _cdiv(n_cols, block)
         _ce_bwd_kernel[(n_rows * col_blocks,)](logits2, dx, labels1, lse, grad, scale, n_cols, col_blocks,
                                                logits2.stride(0), dx.stride(0), stride_grad,
                                                ctx.ignore_index, float(ctx.softcap or 1.0),
@@ -258,7 +264,8 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
         raise QconvError(f"cross_entropy: labels must be integers, got {labels.dtype}")
     if labels.numel() == 0:
         return cross_entropy_reference(logits, labels, ignore_index, softcap, reduction)
-    check_device(logits, labels, name="cross_entropy")
+    if not (logits.is_cuda and labels.is_cuda):
+        check_device(logits, labels, name="cross_entropy")
     logits2 = logits.reshape(-1, logits.shape[-1])
     if logits2.stride(-1) != 1:
         logits2 = logits2.contiguous()

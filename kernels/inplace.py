@@ -29,14 +29,15 @@ log = logging.getLogger(__name__)
 
 def is_dense(t: torch.Tensor) -> bool:
     """True when ``t`` covers its memory exactly once (a permutation of a contiguous layout)."""
-    dims = sorted(range(t.dim()), key=lambda i: (t.stride(i), t.size(i)))
+    if t.is_contiguous():
+        return True
     expected = 1
-    for i in dims:
-        if t.size(i) == 1:
+    for stride, size in sorted(zip(t.stride(), t.shape)):
+        if size == 1:
             continue
-        if t.stride(i) != expected:
+        if stride != expected:
             return False
-        expected *= t.size(i)
+        expected *= size
     return True
 
 

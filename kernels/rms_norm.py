@@ -24,11 +24,11 @@ import triton.language as tl
 
 from qconv.errors import QconvError
 from qconv.kernels.inplace import grad_is_exclusive
-from qconv.kernels.utils import check_device, is_interpreter, next_power_of_2
+from qconv.kernels.utils import check_device, next_power_of_2
 
 MAX_COLS = 65536
 #: Launch parameters (benchmarks may override them): elements per forward tile, backward programs per SM.
-TUNING = {"fwd_tile": 4096, "fwd_warps": 0, "bwd_tile": 4096, "bwd_warps": 0, "bwd_programs_per_sm": 2}  # 0: auto
+TUNING = {"fwd_tile": 4096, "fwd_warps": 0, "bwd_tile": 4096, "bwd_warps": 16, "bwd_programs_per_sm": 1}  # 0: auto
 INTERPRETER_TILE = 65536
 
 
@@ -117,15 +117,17 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _programs(device: torch.device, per_sm: int) -> int:
-    if device.type != "cuda":
-        return 1
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device()) * per_sm
+def _programs(x: torch.Tensor, per_sm: int) -> int:
+    return _sm_count(x.get_device()) * per_sm if x.is_cuda else 1
 
 
-def _tile(n_rows: int, block_n: int, elements: int, warps: int) -> tuple[int, int]:
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _tile(n_rows: int, block_n: int, elements: int, warps: int, cuda: bool) -> tuple[int, int]:
     """(BLOCK_M, num_warps) for tiles of about ``elements`` values (whole rows)."""
-    if is_interpreter():
+    if not cuda:  # the interpreter: few, large programs
         elements, warps = INTERPRETER_TILE, 4
     block_m = max(1, min(next_power_of_2(n_rows), elements // block_n))
     warps = warps or min(16, max(4, block_m * block_n // 512))
@@ -143,8 +145,8 @@ def _forward(x2: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, 
     y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x2.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x2.device)
     block_n = next_power_of_2(n_cols)
-    block_m, warps = _tile(n_rows, block_n, TUNING["fwd_tile"], TUNING["fwd_warps"])
-    grid = (triton.cdiv(n_rows, block_m),)
+    block_m, warps = _tile(n_rows, block_n, TUNING["fwd_tile"], TUNING["fwd_warps"], x2.is_cuda)
+    grid = (_cdiv(n_rows, block_m),)
     _rms_norm_fwd_kernel[grid](x2, weight, y, rstd, n_rows, n_cols, x2.stride(0), y.stride(0), eps, offset,
                                GEMMA=gemma, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
     return y, rstd
@@ -154,8 +156,8 @@ def _backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: t
               gemma: bool, dx: torch.Tensor, compute_dw: bool) -> torch.Tensor | None:
     n_rows, n_cols = x2.shape
     block_n = next_power_of_2(n_cols)
-    block_m, warps = _tile(n_rows, block_n, TUNING["bwd_tile"], TUNING["bwd_warps"])
-    programs = max(1, min(triton.cdiv(n_rows, block_m), _programs(x2.device, TUNING["bwd_programs_per_sm"])))
+    block_m, warps = _tile(n_rows, block_n, TUNING["bwd_tile"], TUNING["bwd_warps"], x2.is_cuda)
+    programs = max(1, min(_cdiv(n_rows, block_m), _programs(x2, TUNING["bwd_programs_per_sm"])))
     dw_part = torch.empty((programs, n_cols), dtype=torch.float32, device=x2.device) if compute_dw else rstd
     _rms_norm_bwd_kernel[(programs,)](dy2, x2, weight, rstd, dx, dw_part, n_rows, n_cols, dy2.stride(0),
                                       x2.stride(0), dx.stride(0), offset, GEMMA=gemma, COMPUTE_DW=compute_dw,
@@ -179,7 +181,7 @@ class RMSNormFunction(torch.autograd.Function):
         reuse = grad_is_exclusive(dy)
         x2, weight, rstd = ctx.saved_tensors
         dy2 = _as_rows(dy)  # a copy (when dy is not viewable as rows) is ours to overwrite
-        reuse = reuse or dy2.untyped_storage().data_ptr() != dy.untyped_storage().data_ptr()
+        reuse = reuse or dy2.data_ptr() != dy.data_ptr()
         # dx has x's dtype; the incoming gradient has the output's (they differ for fp32 w on bf16 x)
         dx = dy2 if reuse and dy2.dtype == x2.dtype else torch.empty_like(x2)
         dw = _backward(dy2, x2, weight, rstd, ctx.offset, ctx.gemma, dx, ctx.needs_input_grad[1])
@@ -200,7 +202,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
         raise QconvError(f"rms_norm: rows of {x.shape[-1]} values exceed the supported {MAX_COLS}")
     if x.numel() == 0:
         return rms_norm_reference(x, weight, eps, offset, casting)
-    check_device(x, weight, name="rms_norm")
+    if not (x.is_cuda and weight.is_cuda):
+        check_device(x, weight, name="rms_norm")
     gemma = casting == "gemma"
     weight = weight if weight.stride(0) == 1 else weight.contiguous()
     out_dtype = x.dtype if gemma else torch.promote_types(weight.dtype, x.dtype)

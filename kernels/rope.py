@@ -22,10 +22,10 @@ import triton.language as tl
 
 from qconv.errors import QconvError
 from qconv.kernels.inplace import bump_version, grad_is_exclusive, is_dense, is_graph_intermediate
-from qconv.kernels.utils import check_device, is_interpreter, next_power_of_2
+from qconv.kernels.utils import check_device, next_power_of_2
 
 #: Launch parameters (benchmarks may override them).
-TUNING = {"block_s": 16, "block_h": 8, "num_warps": 8}
+TUNING = {"block_s": 16, "block_h": 4, "num_warps": 4}
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -48,8 +48,7 @@ def apply_rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
 
 
 @triton.jit(do_not_specialize=["n_qh", "n_kh"])  # both branches below must see the same types
-def _rope_kernel(Q, K, QO, KO, COS, SIN, seq_len, n_qh, n_kh,
-                 sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sqo_b, sqo_h, sqo_s, sko_b, sko_h, sko_s,
+def _rope_kernel(Q, K, QO, KO, COS, SIN, seq_len, n_qh, n_kh, sq_b, sq_h, sq_s, sk_b, sk_h, sk_s,
                  sc_b, sc_s, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
                  BLOCK_H: tl.constexpr, BACKWARD: tl.constexpr):
     pid_s = tl.program_id(0)
@@ -70,16 +69,14 @@ def _rope_kernel(Q, K, QO, KO, COS, SIN, seq_len, n_qh, n_kh,
     sin1 = tl.load(SIN + cs, mask=sd_mask, other=0.0).to(tl.float32)[None, :, :]
     sin2 = tl.load(SIN + cs + HALF, mask=sd_mask, other=0.0).to(tl.float32)[None, :, :]
 
-    if pid_h < q_groups:
-        X, XO, n_heads, head0 = Q, QO, n_qh, pid_h * BLOCK_H
-        s_b, s_h, s_s, so_b, so_h, so_s = sq_b, sq_h, sq_s, sqo_b, sqo_h, sqo_s
+    if pid_h < q_groups:  # outputs have the inputs' strides
+        X, XO, n_heads, head0, s_b, s_h, s_s = Q, QO, n_qh, pid_h * BLOCK_H, sq_b, sq_h, sq_s
     else:
-        X, XO, n_heads, head0 = K, KO, n_kh, (pid_h - q_groups) * BLOCK_H
-        s_b, s_h, s_s, so_b, so_h, so_s = sk_b, sk_h, sk_s, sko_b, sko_h, sko_s
+        X, XO, n_heads, head0, s_b, s_h, s_s = K, KO, n_kh, (pid_h - q_groups) * BLOCK_H, sk_b, sk_h, sk_s
     heads = (head0 + tl.arange(0, BLOCK_H)).to(tl.int64)
     mask = (heads < n_heads)[:, None, None] & sd_mask[None, :, :]
     src = b * s_b + heads[:, None, None] * s_h + pos64[None, :, None] * s_s + d[None, None, :]
-    dst = b * so_b + heads[:, None, None] * so_h + pos64[None, :, None] * so_s + d[None, None, :]
+    dst = src
     x1 = tl.load(X + src, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(X + src + HALF, mask=mask, other=0.0).to(tl.float32)
     if BACKWARD:  # the transpose of the rotation
@@ -105,23 +102,25 @@ def _cos_sin_3d(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def _rotate(q, k, q_out, k_out, cos, sin, backward: bool) -> None:
+    """q_out/k_out must have q/k's strides (they are q/k, or ``_out_like`` of a dense q/k)."""
     bsz, n_qh, seq, _ = q.shape
     n_kh = k.shape[1]
     half = cos.shape[-1] // 2
-    if is_interpreter():
-        block_s, block_h, warps = min(64, next_power_of_2(seq)), next_power_of_2(max(n_qh, n_kh)), 4
-    else:
+    if q.is_cuda:
         block_s, block_h, warps = TUNING["block_s"], min(TUNING["block_h"], next_power_of_2(max(n_qh, n_kh))), TUNING["num_warps"]
-    grid = (triton.cdiv(seq, block_s), triton.cdiv(n_qh, block_h) + triton.cdiv(n_kh, block_h), bsz)
+    else:  # the interpreter: few, large programs
+        block_s, block_h, warps = min(64, next_power_of_2(seq)), next_power_of_2(max(n_qh, n_kh)), 4
+    grid = (-(-seq // block_s), -(-n_qh // block_h) + -(-n_kh // block_h), bsz)
     _rope_kernel[grid](q, k, q_out, k_out, cos, sin, seq, n_qh, n_kh,
-                       *_strides(q), *_strides(k), *_strides(q_out), *_strides(k_out), *_strides(cos)[:2],
+                       *_strides(q), *_strides(k), *_strides(cos)[:2],
                        HALF=half, BLOCK_D=next_power_of_2(half), BLOCK_S=block_s, BLOCK_H=block_h,
                        BACKWARD=backward, num_warps=warps)
 
 
 def _strides(x: torch.Tensor) -> tuple[int, ...]:
     """Strides of the leading three dims; 0 for dims of size 1 (never 1: Triton would make it a constant)."""
-    return tuple(x.stride(i) if x.shape[i] > 1 else 0 for i in range(3))
+    st, sh = x.stride(), x.shape
+    return (st[0] if sh[0] > 1 else 0, st[1] if sh[1] > 1 else 0, st[2] if sh[2] > 1 else 0)
 
 
 def _out_like(x: torch.Tensor, rot: int) -> torch.Tensor:
@@ -132,8 +131,9 @@ def _out_like(x: torch.Tensor, rot: int) -> torch.Tensor:
     return out
 
 
-def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    """x itself when it is dense with a contiguous last dim (``empty_like`` then keeps its strides)."""
+    return x if x.stride(-1) == 1 and is_dense(x) else x.contiguous()
 
 
 class RoPEFunction(torch.autograd.Function):
@@ -142,26 +142,28 @@ class RoPEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, cos, sin, inplace):
         rot = cos.shape[-1]
-        q_in, k_in = _last_dim_contiguous(q), _last_dim_contiguous(k)
-        if inplace and q_in is q and k_in is k:
-            q_out, k_out = q, k
+        if inplace:  # apply_rope checked that q and k are dense with a contiguous last dim
+            q_out, k_out = q_in, k_in = q, k
         else:
+            q_in, k_in = _dense(q), _dense(k)
             q_out, k_out = _out_like(q_in, rot), _out_like(k_in, rot)
         _rotate(q_in, k_in, q_out, k_out, cos, sin, backward=False)
-        if q_out is q:
+        if inplace:
             bump_version(q, k)
         ctx.save_for_backward(cos, sin)
         return q_out, k_out
 
     @staticmethod
     def backward(ctx, dq, dk):
-        dq_owned = grad_is_exclusive(dq)
+        dq_owned = grad_is_exclusive(dq)  # exclusive implies dense
         dk_owned = grad_is_exclusive(dk)
         cos, sin = ctx.saved_tensors
         rot = cos.shape[-1]
-        dq_in, dk_in = _last_dim_contiguous(dq), _last_dim_contiguous(dk)
-        dq_out = dq_in if (dq_owned or dq_in is not dq) and is_dense(dq_in) else _out_like(dq_in, rot)
-        dk_out = dk_in if (dk_owned or dk_in is not dk) and is_dense(dk_in) else _out_like(dk_in, rot)
+        dq_in = dq if dq_owned and dq.stride(-1) == 1 else _dense(dq)
+        dk_in = dk if dk_owned and dk.stride(-1) == 1 else _dense(dk)
+        # a copy made by _dense is ours as well
+        dq_out = dq_in if dq_owned or dq_in is not dq else _out_like(dq_in, rot)
+        dk_out = dk_in if dk_owned or dk_in is not dk else _out_like(dk_in, rot)
         _rotate(dq_in, dk_in, dq_out, dk_out, cos, sin, backward=True)
         return dq_out, dk_out, None, None, None
 
@@ -186,11 +188,13 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
         raise QconvError(f"apply_rope: q ({q.dtype}) and k ({k.dtype}) must have the same dtype")
     if q.numel() == 0 or k.numel() == 0:
         return apply_rope_reference(q, k, cos, sin)
-    check_device(q, k, cos, name="apply_rope")
+    if not (q.is_cuda and k.is_cuda and cos.is_cuda and sin.is_cuda):
+        check_device(q, k, cos, sin, name="apply_rope")
     if cos.stride(-1) != 1 or sin.stride() != cos.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
     if inplace is None:
         grads = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
         inplace = grads and is_graph_intermediate(q) and is_graph_intermediate(k)
-    inplace = inplace and is_dense(q) and is_dense(k) and q.untyped_storage().data_ptr() != k.untyped_storage().data_ptr()
-    return RoPEFunction.apply(q, k, cos, sin, bool(inplace))
+    inplace = bool(inplace) and q.stride(-1) == 1 and k.stride(-1) == 1 and is_dense(q) and is_dense(k) \
+        and q.untyped_storage().data_ptr() != k.untyped_storage().data_ptr()
+    return RoPEFunction.apply(q, k, cos, sin, inplace)

@@ -17,12 +17,12 @@ import triton.language as tl
 
 from qconv.errors import QconvError
 from qconv.kernels.inplace import bump_version, grad_is_exclusive, is_graph_intermediate
-from qconv.kernels.utils import check_device, is_interpreter, next_power_of_2
+from qconv.kernels.utils import check_device, next_power_of_2
 
 SILU, GELU_TANH, GELU_ERF = 0, 1, 2
 _GELU = {"tanh": GELU_TANH, "none": GELU_ERF}
 #: Launch parameters (benchmarks may override them): elements per program, warps.
-TUNING = {"block": 4096, "num_warps": 8}
+TUNING = {"block": 4096, "num_warps": 16}
 INTERPRETER_BLOCK = 1 << 16
 
 
@@ -104,10 +104,14 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-def _launch_shape(n_cols: int) -> tuple[int, int]:
-    block = INTERPRETER_BLOCK if is_interpreter() else TUNING["block"]
-    block = min(block, next_power_of_2(n_cols))
-    return block, (4 if is_interpreter() else TUNING["num_warps"])
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _launch_shape(n_cols: int, cuda: bool) -> tuple[int, int]:
+    if not cuda:  # the interpreter: few, large programs
+        return min(INTERPRETER_BLOCK, next_power_of_2(n_cols)), 4
+    return min(TUNING["block"], next_power_of_2(n_cols)), TUNING["num_warps"]
 
 
 def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -126,8 +130,8 @@ class GatedActFunction(torch.autograd.Function):
             u2 = u2 if u2.stride(-1) == 1 else u2.contiguous()
         out = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
         n_rows, n_cols = g2.shape
-        block, warps = _launch_shape(n_cols)
-        col_blocks = triton.cdiv(n_cols, block)
+        block, warps = _launch_shape(n_cols, g2.is_cuda)
+        col_blocks = _cdiv(n_cols, block)
         _glu_fwd_kernel[(n_rows * col_blocks,)](g2, u2, out, n_cols, col_blocks, g2.stride(0), u2.stride(0),
                                                 out.stride(0), ACT=act, BLOCK=block, num_warps=warps)
         ctx.save_for_backward(g2, u2)
@@ -141,15 +145,15 @@ class GatedActFunction(torch.autograd.Function):
         g2, u2 = ctx.saved_tensors
         dc2 = dc.reshape(g2.shape)
         dc2 = dc2 if dc2.stride(-1) == 1 else dc2.contiguous()
-        dc_owned = dc_owned or dc2.untyped_storage().data_ptr() != dc.untyped_storage().data_ptr()
+        dc_owned = dc_owned or dc2.data_ptr() != dc.data_ptr()  # a copy made here is ours
         if ctx.reuse:
             dg, du = g2, u2
         else:
             dg = dc2 if dc_owned else torch.empty_like(g2)
             du = torch.empty_like(u2)
         n_rows, n_cols = g2.shape
-        block, warps = _launch_shape(n_cols)
-        col_blocks = triton.cdiv(n_cols, block)
+        block, warps = _launch_shape(n_cols, g2.is_cuda)
+        col_blocks = _cdiv(n_cols, block)
         _glu_bwd_kernel[(n_rows * col_blocks,)](dc2, g2, u2, dg, du, n_cols, col_blocks, dc2.stride(0),
                                                 g2.stride(0), u2.stride(0), dg.stride(0), du.stride(0),
                                                 ACT=ctx.act, BLOCK=block, num_warps=warps)
@@ -164,7 +168,8 @@ def _gated(gate: torch.Tensor, up: torch.Tensor, act: int, inplace_backward: boo
         raise QconvError(f"{name}: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} must match")
     if gate.numel() == 0:
         return (geglu_reference(gate, up, "tanh" if act == GELU_TANH else "none") if act else swiglu_reference(gate, up))
-    check_device(gate, up, name=name)
+    if not (gate.is_cuda and up.is_cuda):
+        check_device(gate, up, name=name)
     reuse = bool(inplace_backward and torch.is_grad_enabled() and is_graph_intermediate(gate)
                  and is_graph_intermediate(up) and _reusable_layout(gate) and _reusable_layout(up)
                  and gate.untyped_storage().data_ptr() != up.untyped_storage().data_ptr())

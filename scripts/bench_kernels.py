@@ -11,8 +11,9 @@ Bytes counted (each tensor read or written once per pass): RMSNorm x, y, dy, x, 
 SwiGLU gate, up, out, dout, gate, up, dgate, dup; cross-entropy logits read in the forward, read and
 written in the backward. ``frac_copy`` = GB/s over a device-to-device copy measured in the same run.
 Cases: RMSNorm 4096x4096, RoPE 32 q + 8 kv heads x 4096 x 128, SwiGLU/GeGLU 4096x14336, cross-entropy
-4096 x 128256; bf16. ``--sweep`` also times our launch parameters (TUNING dicts); the NF4 kernels come
-from ``scripts/bench_kernels_nf4.py`` when it is there.
+4096 x 128256; bf16. ``gpu_ms``: the same step's GPU time alone (CUDA graph replay, L2 flushed; small
+cases are host-bound on the wall clock). ``--sweep`` also times our launch parameters
+(``bench_kernels_sweep.py``); the NF4 kernels come from ``scripts/bench_kernels_nf4.py`` when it is there.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 DT = torch.bfloat16
+DEVICE = "cuda"
 MiB = 1 << 20
 
 
@@ -77,31 +79,78 @@ def make_step(fn: Callable, bufs: list[torch.Tensor]) -> Callable[[], None]:
     return step
 
 
-def measure(step: Callable[[], None], params: list[torch.Tensor]) -> tuple[float, float]:
-    """(median ms, extra MiB of one step)."""
-    from triton.testing import do_bench
+def _reset(params: list[torch.Tensor]) -> None:
+    for p in params:
+        p.grad = None
 
-    for p in params:
-        p.grad = None
-    step()  # compile / autotune outside the memory measurement
-    for p in params:
-        p.grad = None
+
+def extra_memory(step: Callable[[], None], params: list[torch.Tensor]) -> float:
+    """MiB allocated on top of what was there, at the peak of one step (after a warm-up step)."""
+    _reset(params)
+    step()  # compile / first-use work outside the measurement
+    _reset(params)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     step()
     torch.cuda.synchronize()
-    extra = (torch.cuda.max_memory_allocated() - base) / MiB
-    for p in params:
-        p.grad = None
-    ms = do_bench(step, warmup=25, rep=200, grad_to_none=params or None, return_mode="median")
-    return float(ms), extra
+    _reset(params)
+    return (torch.cuda.max_memory_allocated() - base) / MiB
+
+
+def wall_ms(step: Callable[[], None], params: list[torch.Tensor]) -> float:
+    """do_bench median (L2 flushed between steps): what a step costs, Python and autograd included."""
+    from triton.testing import do_bench
+
+    return float(do_bench(step, warmup=25, rep=100, grad_to_none=params or None, return_mode="median"))
+
+
+_FLUSH: list[torch.Tensor] = []
+
+
+def _graph_ms(fn: Callable[[], None], params: list[torch.Tensor], n: int) -> float:
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            _reset(params)
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(n):
+            _reset(params)
+            fn()
+    times = []
+    for _ in range(7):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        g.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / n)
+    del g
+    _reset(params)
+    return sorted(times)[len(times) // 2]
+
+
+def gpu_ms(step: Callable[[], None], params: list[torch.Tensor], n: int = 10) -> float:
+    """GPU time of a step: n steps (each after an L2 flush) replayed as one CUDA graph, minus the flushes."""
+    if not _FLUSH:
+        _FLUSH.append(torch.empty(256 * MiB, dtype=torch.int8, device=DEVICE))
+    flush = _FLUSH[0]
+
+    def flushed_step():
+        flush.zero_()
+        step()
+
+    return _graph_ms(flushed_step, params, n) - _graph_ms(flush.zero_, [], n)
 
 
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:
     from triton.testing import do_bench
 
-    src = torch.empty(nbytes // 2, dtype=DT, device="cuda").normal_()
+    src = torch.empty(nbytes // 2, dtype=DT, device=DEVICE).normal_()
     dst = torch.empty_like(src)
     ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
     return 2 * nbytes / ms / 1e6
@@ -121,8 +170,8 @@ def _liger(module: str, attr: str):
 def case_rms_norm(n_rows: int = 4096, n_cols: int = 4096):
     from qconv.kernels.rms_norm import rms_norm
 
-    x = torch.randn(n_rows, n_cols, dtype=DT, device="cuda")
-    w = torch.nn.Parameter(torch.rand(n_cols, dtype=DT, device="cuda") + 0.5)
+    x = torch.randn(n_rows, n_cols, dtype=DT, device=DEVICE)
+    w = torch.nn.Parameter(torch.rand(n_cols, dtype=DT, device=DEVICE) + 0.5)
 
     def eager(x):  # LlamaRMSNorm.forward
         h = x.float()
@@ -139,10 +188,10 @@ def case_rms_norm(n_rows: int = 4096, n_cols: int = 4096):
 def case_rope(bsz: int = 1, n_q: int = 32, n_kv: int = 8, seq: int = 4096, head_dim: int = 128):
     from qconv.kernels.rope import apply_rope
 
-    q = torch.randn(bsz, seq, n_q, head_dim, dtype=DT, device="cuda")  # projection outputs, [b, s, h, d]
-    k = torch.randn(bsz, seq, n_kv, head_dim, dtype=DT, device="cuda")
-    inv = 1.0 / (500000 ** (torch.arange(0, head_dim, 2, device="cuda").float() / head_dim))
-    freqs = torch.arange(seq, device="cuda").float()[:, None] * inv
+    q = torch.randn(bsz, seq, n_q, head_dim, dtype=DT, device=DEVICE)  # projection outputs, [b, s, h, d]
+    k = torch.randn(bsz, seq, n_kv, head_dim, dtype=DT, device=DEVICE)
+    inv = 1.0 / (500000 ** (torch.arange(0, head_dim, 2, device=DEVICE).float() / head_dim))
+    freqs = torch.arange(seq, device=DEVICE).float()[:, None] * inv
     emb = torch.cat([freqs, freqs], -1)[None]
     cos, sin = emb.cos().to(DT), emb.sin().to(DT)
 
@@ -167,8 +216,8 @@ def case_rope(bsz: int = 1, n_q: int = 32, n_kv: int = 8, seq: int = 4096, head_
 def case_glu(act: str, n_rows: int = 4096, n_cols: int = 14336):
     from qconv.kernels.swiglu import geglu, swiglu
 
-    g = torch.randn(n_rows, n_cols, dtype=DT, device="cuda")
-    u = torch.randn(n_rows, n_cols, dtype=DT, device="cuda")
+    g = torch.randn(n_rows, n_cols, dtype=DT, device=DEVICE)
+    u = torch.randn(n_rows, n_cols, dtype=DT, device=DEVICE)
     if act == "silu":
         impls = {"qconv": swiglu, "eager": lambda g, u: F.silu(g) * u}
         liger = _liger("swiglu", "LigerSiLUMulFunction")
@@ -183,8 +232,8 @@ def case_glu(act: str, n_rows: int = 4096, n_cols: int = 14336):
 def case_cross_entropy(n_rows: int = 4096, vocab: int = 128256):
     from qconv.kernels.cross_entropy import cross_entropy
 
-    logits = torch.randn(n_rows, vocab, dtype=DT, device="cuda")
-    labels = torch.randint(0, vocab, (n_rows,), device="cuda")
+    logits = torch.randn(n_rows, vocab, dtype=DT, device=DEVICE)
+    labels = torch.randint(0, vocab, (n_rows,), device=DEVICE)
 
     def eager(x):  # transformers' ForCausalLMLoss: upcast, then F.cross_entropy
         return F.cross_entropy(x.float(), labels, ignore_index=-100)
@@ -215,80 +264,68 @@ def row(section, case, impl, ms, extra, nbytes, copy_gbps, **more):
     return r
 
 
-def bench_cases(copy_gbps: float) -> list[dict]:
+#: implementations that synchronize with the host (Liger's cross-entropy reads n_tokens with .item()):
+#: they cannot be captured in a CUDA graph, so they get no GPU-only time
+NO_GRAPH = {("cross_entropy 4096x128256", "liger")}
+_GRAPHS_OK = [True]
+
+
+def try_gpu_ms(case: str, impl: str, step, params) -> float | None:
+    if (case, impl) in NO_GRAPH or not _GRAPHS_OK[0]:
+        return None
+    try:
+        return gpu_ms(step, params)
+    except Exception as exc:  # a failed capture can leave CUDA unusable: try no more graphs
+        _GRAPHS_OK[0] = False
+        log(f"  {case} / {impl}: CUDA graph timing FAILED ({type(exc).__name__}: {str(exc)[:200]}); graphs off")
+        return None
+
+
+def bench_cases(copy_gbps: float, rounds: int = 3) -> list[dict]:
+    """Every implementation of a case: memory, then ``rounds`` interleaved do_bench runs (the fastest
+    median is kept: the host is shared), then the GPU-only time from a CUDA graph."""
     rows = []
     for name, make in CASES.items():
         nbytes, params, bufs, impls = make()
-        results = {}
+        steps, extra, wall = {}, {}, {}
         for impl, fn in impls.items():
             try:
-                results[impl] = measure(make_step(fn, bufs), params)
+                step = make_step(fn, bufs)
+                extra[impl] = extra_memory(step, params)
+                steps[impl] = step
             except Exception as exc:
                 log(f"  {name} / {impl}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
-        liger_ms = results.get("liger", (None,))[0]
-        for impl, (ms, extra) in results.items():
-            r = row("fwd+bwd", name, impl, ms, extra, nbytes, copy_gbps,
-                    vs_liger=round(liger_ms / ms, 2) if liger_ms else None)
+        for _ in range(rounds):
+            for impl, step in steps.items():
+                wall[impl] = min(wall.get(impl, float("inf")), wall_ms(step, params))
+        gpu = {impl: try_gpu_ms(name, impl, step, params) for impl, step in steps.items()}
+        ref_wall, ref_gpu = wall.get("liger"), gpu.get("liger")
+        for impl in steps:
+            g = gpu[impl]
+            r = row("fwd+bwd", name, impl, wall[impl], extra[impl], nbytes, copy_gbps,
+                    vs_liger=round(ref_wall / wall[impl], 2) if ref_wall else None,
+                    gpu_ms=round(g, 4) if g else None,
+                    gpu_frac_copy=round(nbytes / g / 1e6 / copy_gbps, 3) if g else None,
+                    gpu_vs_liger=round(ref_gpu / g, 2) if (g and ref_gpu) else None)
             log(f"  {r}")
             rows.append(r)
-        del bufs, impls
+        del bufs, impls, steps
         torch.cuda.empty_cache()
     return rows
 
 
-# ------------------------------------------------------------------------------------------------
-# Launch-parameter sweep (ours only), one parameter at a time around the defaults
-# ------------------------------------------------------------------------------------------------
-SWEEPS = {  # case -> (module, [TUNING overrides]); {} is the default
-    "rms_norm 4096x4096": ("qconv.kernels.rms_norm", [
-        {}, {"fwd_warps": 4}, {"fwd_warps": 16}, {"fwd_tile": 8192}, {"fwd_tile": 16384, "fwd_warps": 16},
-        {"bwd_programs_per_sm": 1}, {"bwd_programs_per_sm": 4}, {"bwd_programs_per_sm": 4, "bwd_warps": 4},
-        {"bwd_programs_per_sm": 8, "bwd_warps": 4}, {"bwd_warps": 4}, {"bwd_warps": 16}, {"bwd_tile": 8192},
-        {"bwd_tile": 8192, "bwd_warps": 16}]),
-    "rope 32q+8kv x 4096 x 128": ("qconv.kernels.rope", [
-        {}, {"block_s": 8}, {"block_s": 32}, {"block_s": 64, "block_h": 2}, {"block_h": 4}, {"block_h": 4, "num_warps": 4},
-        {"block_h": 2, "num_warps": 4}, {"block_h": 1, "block_s": 64, "num_warps": 4}, {"num_warps": 4}, {"num_warps": 16}]),
-    "swiglu 4096x14336": ("qconv.kernels.swiglu", [
-        {}, {"block": 1024, "num_warps": 4}, {"block": 2048, "num_warps": 4}, {"block": 2048}, {"block": 8192},
-        {"block": 8192, "num_warps": 16}, {"block": 16384, "num_warps": 16}, {"num_warps": 4}, {"num_warps": 16}]),
-    "cross_entropy 4096x128256": ("qconv.kernels.cross_entropy", [
-        {}, {"fwd_chunk": 4096, "fwd_warps": 4}, {"fwd_chunk": 4096}, {"fwd_chunk": 16384, "fwd_warps": 16},
-        {"fwd_chunk": 16384}, {"fwd_chunk": 32768, "fwd_warps": 32}, {"fwd_warps": 16}, {"fwd_warps": 4},
-        {"bwd_block": 4096, "bwd_warps": 4}, {"bwd_block": 2048, "bwd_warps": 4}, {"bwd_block": 16384, "bwd_warps": 16},
-        {"bwd_block": 4096}, {"bwd_warps": 16}, {"bwd_warps": 4}]),
-    "cross_entropy 4096x128256 grad_in_fwd": ("qconv.kernels.cross_entropy", [
-        {}, {"fwd_chunk": 16384, "fwd_warps": 16}, {"fwd_chunk": 32768, "fwd_warps": 32}, {"fwd_chunk": 16384, "fwd_warps": 32},
-        {"fwd_chunk": 4096, "fwd_warps": 4}, {"fwd_chunk": 32768, "fwd_warps": 16}]),
-}
+def sweep_rows(copy_gbps: float, deadline: float) -> list[dict]:
+    spec = importlib.util.spec_from_file_location("bench_kernels_sweep", Path(__file__).with_name("bench_kernels_sweep.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
 
+    def measure(case, label, step, params, nbytes):
+        extra = extra_memory(step, params)
+        g = try_gpu_ms(case, "qconv", step, params)
+        return row("sweep", case, label, wall_ms(step, params), extra, nbytes, copy_gbps, gpu_ms=round(g, 4) if g else None,
+                   gpu_frac_copy=round(nbytes / g / 1e6 / copy_gbps, 3) if g else None)
 
-def sweep(copy_gbps: float, deadline: float) -> list[dict]:
-    rows = []
-    for name, (module, overrides) in SWEEPS.items():
-        tuning = importlib.import_module(module).TUNING
-        default = dict(tuning)
-        nbytes, params, bufs, impls = CASES[name.replace(" grad_in_fwd", "")]()
-        step = make_step(impls["qconv grad_in_fwd" if name.endswith("grad_in_fwd") else "qconv"], bufs)
-        for override in overrides:
-            if time.time() > deadline:
-                log("sweep: out of time")
-                return rows
-            tuning.clear()
-            tuning.update(default, **override)
-            label = ",".join(f"{k}={v}" for k, v in override.items()) or "default"
-            try:
-                ms, extra = measure(step, params)
-            except Exception as exc:
-                log(f"  sweep {name} {label}: FAILED {type(exc).__name__}: {str(exc)[:200]}")
-                continue
-            r = row("sweep", name, label, ms, extra, nbytes, copy_gbps)
-            log(f"  {r}")
-            rows.append(r)
-        tuning.clear()
-        tuning.update(default)
-        del bufs, impls, step
-        torch.cuda.empty_cache()
-    return rows
+    return module.sweep(CASES, make_step, measure, log, deadline)
 
 
 def bench_nf4_rows(copy_gbps: float) -> list[dict]:
@@ -302,7 +339,8 @@ def bench_nf4_rows(copy_gbps: float) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    cols = ["section", "case", "impl", "ms", "extra_mib", "gbps", "frac_copy", "vs_liger", "speedup_vs_bnb"]
+    cols = ["section", "case", "impl", "ms", "extra_mib", "gbps", "frac_copy", "vs_liger", "gpu_ms", "gpu_frac_copy",
+            "gpu_vs_liger", "speedup_vs_bnb"]
     cols = [c for c in cols if any(r.get(c) is not None for r in rows)]
     text = [["" if r.get(c) is None else str(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(t[i]) for t in text)) for i, c in enumerate(cols)]
@@ -344,14 +382,14 @@ def main(argv: list[str] | None = None) -> None:
 
     rows += bench_cases(copy_gbps)
     save()
-    if args.sweep:
-        rows += sweep(copy_gbps, time.time() + args.sweep_seconds)
-        save()
     if not args.no_nf4:
         try:
             rows += bench_nf4_rows(copy_gbps)
         except Exception as exc:
             log(f"NF4 benchmark failed: {type(exc).__name__}: {exc}")
+        save()
+    if args.sweep:
+        rows += sweep_rows(copy_gbps, time.time() + args.sweep_seconds)
         save()
     print(json.dumps(env))
     print(format_table(rows))

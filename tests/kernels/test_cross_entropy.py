@@ -2,7 +2,7 @@
 
 CPU tests run under TRITON_INTERPRET=1; `gpu` tests run compiled in bf16/fp16. Tolerances (relative
 error vs float64): loss 1e-5 for every dtype (the logits are exact inputs; the sum is float32),
-gradient 1e-5 fp32, 1e-2 bf16, 2e-3 fp16 (one rounding). Fresh outputs are poisoned with NaN; NaN
+gradient 1e-5 fp32, 1e-2 bf16, 2e-3 fp16 (one rounding; compared with the reference rounded to that dtype). Fresh outputs are poisoned with NaN; NaN
 never passes except where torch gives NaN too (every token ignored).
 """
 
@@ -54,7 +54,9 @@ def run_and_compare(shape, vocab, dtype, device, softcap=None, chunk_size=None, 
     ref.backward(grad.double())
     assert loss.dtype == torch.float32
     assert rel_err(loss_value, ref) < 1e-5
-    assert x_leaf.grad.dtype == dtype and rel_err(x_leaf.grad, xd.grad) < TOL[dtype]
+    # against the reference rounded to the logits' dtype: fp16 flushes the tiny probabilities of a large
+    # vocabulary to zero in both
+    assert x_leaf.grad.dtype == dtype and rel_err(x_leaf.grad, xd.grad.to(dtype)) < TOL[dtype]
 
 
 @needs_interpreter

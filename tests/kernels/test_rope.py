@@ -86,6 +86,22 @@ def test_bf16_and_distinct_halves(poison):
 
 
 @needs_interpreter
+def test_views_of_a_fused_qkv_projection(poison):
+    """q and k as column slices of one qkv output (not dense): rotated out of place, right values."""
+    qkv_leaf = torch.randn(2, 7, (4 + 2 + 2) * 16, requires_grad=True)
+    cos, sin = cos_sin(1, 7, 16, torch.float32, "cpu")
+    q, k, _ = (qkv_leaf * 1).view(2, 7, 8, 16).split([4, 2, 2], dim=2)
+    q_out, k_out = apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    (q_out.square().sum() + k_out.sum()).backward()
+    qkv_d = qkv_leaf.detach().double().requires_grad_()
+    qd, kd, _ = qkv_d.view(2, 7, 8, 16).split([4, 2, 2], dim=2)
+    q_ref, k_ref = apply_rope_reference(qd.transpose(1, 2), kd.transpose(1, 2), cos.double(), sin.double())
+    (q_ref.square().sum() + k_ref.sum()).backward()
+    assert rel_err(q_out, q_ref) < 1e-5 and rel_err(k_out, k_ref) < 1e-5
+    assert rel_err(qkv_leaf.grad, qkv_d.grad) < 1e-5
+
+
+@needs_interpreter
 def test_inplace_for_intermediates_and_loud_when_saved_elsewhere():
     q_leaf = torch.randn(1, 6, 2, 8, requires_grad=True)
     k_leaf = torch.randn(1, 6, 2, 8, requires_grad=True)
