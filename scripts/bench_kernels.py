@@ -382,14 +382,14 @@ def main(argv: list[str] | None = None) -> None:
 
     rows += bench_cases(copy_gbps)
     save()
+    if args.sweep:
+        rows += sweep_rows(copy_gbps, time.time() + args.sweep_seconds)
+        save()
     if not args.no_nf4:
         try:
             rows += bench_nf4_rows(copy_gbps)
         except Exception as exc:
             log(f"NF4 benchmark failed: {type(exc).__name__}: {exc}")
-        save()
-    if args.sweep:
-        rows += sweep_rows(copy_gbps, time.time() + args.sweep_seconds)
         save()
     print(json.dumps(env))
     print(format_table(rows))
