@@ -45,9 +45,17 @@ def _maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _sync() -> None:
-    if hasattr(os, "sync"):
-        os.sync()  # flush dirty pages so one measurement's writeback does not slow the next
+def _sync(limit_s: float = 45.0) -> float:
+    """Flush dirty pages (so one measurement's writeback does not slow the next), waiting at most ``limit_s``."""
+    import threading
+
+    if not hasattr(os, "sync"):
+        return 0.0
+    t = time.perf_counter()
+    thread = threading.Thread(target=os.sync, daemon=True)
+    thread.start()
+    thread.join(limit_s)
+    return time.perf_counter() - t
 
 
 # ------------------------------------------------------------------------------------------- children
@@ -80,6 +88,7 @@ def child_qconv(src: str, out: str, max_shard_size: str) -> dict:
     import bitsandbytes  # noqa: F401  (import cost reported apart from the conversion)
     import torch
     import transformers  # noqa: F401
+    from transformers import AutoModelForCausalLM  # noqa: F401  (as the transformers run imports it)
 
     from qconv.converter import convert
 
@@ -206,8 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "qconv-bench-convert")
     ap.add_argument("--no-transformers", action="store_true", help="skip the transformers quantize-on-load run")
     ap.add_argument("--shard-sizes", default="5GB,1GB", help="qconv --max-shard-size values to time")
-    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here (updated as it goes)")
+    ap.add_argument("--budget-s", type=float, default=420.0, help="skip optional runs once this much time has passed")
     args = ap.parse_args(argv)
+    started = time.perf_counter()
+
+    def over_budget(reserve_s: float) -> bool:
+        return time.perf_counter() - started > args.budget_s - reserve_s
 
     dims = SMALL if args.small else LLAMA_8B
     source_shard = 20 * 10**6 if args.small else 5 * 10**9
@@ -217,15 +231,18 @@ def main(argv: list[str] | None = None) -> int:
     src = work / "source"
     t = time.perf_counter()
     src_bytes = make_checkpoint(src, dims, source_shard)
-    _sync()
-    print(f"source: {src_bytes / 2**30:.2f} GiB in {time.perf_counter() - t:.1f} s -> {src}", flush=True)
+    made_s = time.perf_counter() - t
+    print(f"source: {src_bytes / 2**30:.2f} GiB in {made_s:.1f} s (+ sync {_sync():.1f} s) -> {src}", flush=True)
     info = versions()
     print(json.dumps(info), flush=True)
 
     rows: list[dict] = []
     io_runs: list[dict] = []
     qconv_out = None
-    for shard in shard_sizes:
+    for i, shard in enumerate(shard_sizes):
+        if i and over_budget(120):
+            print(f"skipping qconv {shard}: time budget", flush=True)
+            continue
         out = work / f"qconv-{shard}"
         r = run_child("qconv", str(src), str(out), shard)
         rows.append({"what": f"qconv convert ({shard} shards, {r['stats']['device']})", **r})
@@ -234,17 +251,20 @@ def main(argv: list[str] | None = None) -> int:
             qconv_out = out
         else:
             shutil.rmtree(out)
-        _sync()
+        _sync(15)
         io = run_child("io", str(src), str(work / "io"), str(rows[0]["stats"]["output_bytes"]))
         shutil.rmtree(work / "io")
-        _sync()
+        _sync(15)
         io_runs.append(io)
         print(f"io: {io['seconds']:.2f} s (read {io['read_s']:.2f}, write {io['write_s']:.2f})", flush=True)
+        _dump(args.json, info, src_bytes, rows + [{"what": "io", **r} for r in io_runs], None)
     io_best = min(io_runs, key=lambda r: r["seconds"])
     rows.insert(0, {"what": "IO only: read source + write output bytes (best of runs)", **io_best})
 
     equal = None
-    if not args.no_transformers:
+    if not args.no_transformers and over_budget(100):
+        print("skipping transformers: time budget", flush=True)
+    elif not args.no_transformers:
         ref = work / "transformers"
         r = run_child("transformers", str(src), str(ref))
         rows.append({"what": "transformers quantize-on-load + save_pretrained", **r})
@@ -263,12 +283,16 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['maxrss_mib'] / 1024:.2f} | {r.get('gpu_peak_gib', 0):.2f} |")
     if equal is not None:
         print(f"qconv vs transformers tensors byte-identical: {equal[0]} ({equal[1]} tensors{'; ' + equal[2] if equal[2] else ''})")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"versions": info, "source_bytes": src_bytes, "rows": rows,
-                                         "byte_identical": equal}, indent=2))
+    _dump(args.json, info, src_bytes, rows, equal)
     shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def _dump(path: Path | None, info: dict, src_bytes: int, rows: list[dict], equal) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"versions": info, "source_bytes": src_bytes, "rows": rows,
+                                    "byte_identical": equal}, indent=2))
 
 
 if __name__ == "__main__":
