@@ -6,15 +6,18 @@ Generates (once, cached in --dir) a checkpoint of random weights with the Llama-
 NF4 with double quant on the GPU (``--small``: a tiny Llama on the CPU), plus its bf16 source unless
 ``--skip-bf16``. Then each method runs in its own subprocess, one after the other:
 
-* ``qconv``            ``qconv.runtime.from_pretrained(dir)`` (patch=True, model + tokenizer)
-* ``qconv-4thr``       the same with 4 reader threads (QCONV_LOAD_THREADS=4)
-* ``hf-prequant-bf16`` ``AutoModelForCausalLM.from_pretrained(dir, dtype=bfloat16)`` + AutoTokenizer
+* ``qconv``            cold start: ``from qconv.runtime import from_pretrained`` then the call (patch=True, model
+                       + tokenizer); transformers and bitsandbytes are imported inside, overlapped with reading
+* ``qconv-warm``       the same call after pre-importing torch, the Llama modeling file, bitsandbytes, tokenizers
+* ``hf-prequant-bf16`` (pre-imported) ``AutoModelForCausalLM.from_pretrained(dir, dtype=bfloat16)`` + AutoTokenizer
 * ``hf-prequant``      the same without ``dtype`` (transformers' default)
-* ``hf-quantize``      quantize-on-load from the bf16 source (BitsAndBytesConfig NF4, double quant)
+* ``hf-quantize``      (pre-imported) quantize-on-load from the bf16 source (BitsAndBytesConfig NF4, double quant)
+* ``floor``            (pre-imported) nothing but the CUDA context: the host RSS every method starts from
 
-Reported per run: import seconds (torch + the library entry point), load seconds (the call), their total,
+Reported per run: import seconds (the pre-imports), load seconds (the call), their total (process start to
+model ready),
 peak host RSS (``os.wait4`` of that child), peak GPU memory (allocated, reserved). qconv's logits for a short
-prompt must equal transformers' (pre-quantized, bf16) exactly. Results: a table on stdout, JSON and
+prompt (patches undone) must equal transformers' (pre-quantized, bf16) exactly. Results: a table on stdout, JSON and
 Markdown under --out.
 """
 
@@ -42,7 +45,8 @@ TINY = dict(vocab_size=1024, hidden_size=256, intermediate_size=688, num_hidden_
             num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False)
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj")
-METHODS = ("qconv", "qconv-4thr", "hf-prequant-bf16", "hf-prequant", "hf-quantize")
+METHODS = ("qconv", "qconv-warm", "hf-prequant-bf16", "hf-prequant", "hf-quantize", "floor")
+REPEATED = ("qconv", "qconv-warm", "hf-prequant-bf16")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -148,20 +152,36 @@ def generate(base: Path, small: bool, bf16: bool) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # one measured load (own subprocess)
 # ----------------------------------------------------------------------------------------------------------
+def _preimport() -> None:
+    """What every transformers-based load needs imported: torch, the Llama modeling file, bitsandbytes, tokenizers."""
+    import bitsandbytes  # noqa: F401
+    import torch  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+    from transformers.integrations import bitsandbytes as _  # noqa: F401
+
+
 def child(method: str, base: Path, small: bool, result: Path) -> None:
+    """One load. ``qconv`` starts cold (import qconv.runtime only); every other method pre-imports the stack
+    (counted as import_s) so that load_s compares the loads themselves."""
     t0 = time.perf_counter()
+    if method != "qconv":
+        _preimport()
+    if method.startswith("qconv"):
+        from qconv.runtime import from_pretrained
+    t1 = time.perf_counter()
     import torch
 
     device = "cpu" if small else "cuda:0"
     if method.startswith("qconv"):
-        from qconv.runtime import from_pretrained
-
-        t1 = time.perf_counter()
         model, tok = from_pretrained(base / "nf4", device_map=device, dtype=torch.bfloat16)
+    elif method == "floor":
+        model, tok = None, None
+        if not small:
+            torch.empty(1, device=device)  # the CUDA context, as every load creates it
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        t1 = time.perf_counter()
         if method == "hf-quantize":
             from transformers import BitsAndBytesConfig
 
@@ -176,16 +196,21 @@ def child(method: str, base: Path, small: bool, result: Path) -> None:
     if torch.cuda.is_available() and not small:
         torch.cuda.synchronize()
     t2 = time.perf_counter()
-    for m in model.modules():  # bitsandbytes' CPU fast path depends on the CPU; keep --small comparable
-        if hasattr(m, "support_avx512bf16_for_cpu"):
-            m.support_avx512bf16_for_cpu = False
-    ids = torch.arange(3, 19).remainder(len(tok)).unsqueeze(0).to(model.device)
-    with torch.no_grad():
-        logits = model(ids).logits.float().cpu()
-    torch.save(logits, result.with_suffix(".pt"))
-    qinfo = getattr(model, "_qconv", {})
-    out = {"method": method, "import_s": t1 - t0, "load_s": t2 - t1, "total_s": t2 - t0,
-           "patched": qinfo.get("patched"), "timings": qinfo.get("timings"), "finite": bool(torch.isfinite(logits).all())}
+    out = {"method": method, "import_s": t1 - t0, "load_s": t2 - t1, "total_s": t2 - t0}
+    if model is not None:
+        qinfo = getattr(model, "_qconv", {})
+        if qinfo.get("patched"):
+            from qconv.runtime.patches.modules import unpatch_model
+
+            unpatch_model(model)  # stock modules for the exactness check against transformers
+        for m in model.modules():  # bitsandbytes' CPU fast path depends on the CPU; keep --small comparable
+            if hasattr(m, "support_avx512bf16_for_cpu"):
+                m.support_avx512bf16_for_cpu = False
+        ids = torch.arange(3, 19).remainder(len(tok)).unsqueeze(0).to(model.device)
+        with torch.no_grad():
+            logits = model(ids).logits.float().cpu()
+        torch.save(logits, result.with_suffix(".pt"))
+        out.update(patched=qinfo.get("patched"), timings=qinfo.get("timings"), finite=bool(torch.isfinite(logits).all()))
     if torch.cuda.is_available() and not small:
         out["gpu_alloc_gib"] = torch.cuda.max_memory_allocated() / 2**30
         out["gpu_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
@@ -227,15 +252,17 @@ def versions() -> dict:
 
 def table(rows: list[dict], ref: str) -> str:
     base = next((r for r in rows if r["method"] == ref and "error" not in r), None)
-    head = "| method | import s | load s | total s | load vs hf | peak RSS GiB | GPU alloc GiB | GPU reserved GiB |"
-    lines = [head, "|" + "---|" * 8]
+    head = ("| method | import s | load s | total s | load vs hf | total vs hf | peak RSS GiB | GPU alloc GiB "
+            "| GPU reserved GiB |")
+    lines = [head, "|" + "---|" * 9]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['method']} | {r['error']} |" + " |" * 6)
+            lines.append(f"| {r['method']} | {r['error']} |" + " |" * 7)
             continue
-        ratio = f"{r['load_s'] / base['load_s']:.2f}x" if base else "-"
+        load = f"{r['load_s'] / base['load_s']:.2f}x" if base else "-"
+        total = f"{r['total_s'] / base['total_s']:.2f}x" if base else "-"
         lines.append(
-            f"| {r['method']} | {r['import_s']:.2f} | {r['load_s']:.2f} | {r['total_s']:.2f} | {ratio} | "
+            f"| {r['method']} | {r['import_s']:.2f} | {r['load_s']:.2f} | {r['total_s']:.2f} | {load} | {total} | "
             f"{r['peak_rss_gib']:.2f} | {r.get('gpu_alloc_gib', 0):.2f} | {r.get('gpu_reserved_gib', 0):.2f} |"
         )
     return "\n".join(lines)
@@ -247,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-bf16", action="store_true", help="no bf16 source, no quantize-on-load run")
     ap.add_argument("--dir", type=Path, default=None, help="checkpoint cache (default /tmp/qconv-bench[-small])")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")), help="where results go")
-    ap.add_argument("--repeats", type=int, default=2, help="runs of the qconv and hf-prequant-bf16 methods")
+    ap.add_argument("--repeats", type=int, default=2, help="runs of the qconv, qconv-warm and hf-prequant-bf16 methods")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_result", type=Path, default=None, help=argparse.SUPPRESS)
@@ -273,14 +300,13 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m for m in args.methods.split(",") if m in METHODS and (m != "hf-quantize" or need_bf16)]
     order = []
     for rep in range(args.repeats):
-        order += [m for m in methods if rep == 0 or m in ("qconv", "hf-prequant-bf16")]
+        order += [m for m in methods if rep == 0 or m in REPEATED]
     tmp = base / "results"
     tmp.mkdir(exist_ok=True)
     rows = []
     for method in order:
-        env_m = dict(env, **({"QCONV_LOAD_THREADS": "4"} if method == "qconv-4thr" else {}))
-        row = run_child(method, base, args.small, tmp, env_m)
-        if "error" not in row:
+        row = run_child(method, base, args.small, tmp, env)
+        if "error" not in row and (tmp / f"{method}.pt").exists():
             row["logits"] = str((tmp / f"{method}.pt").rename(tmp / f"{method}-{len(rows)}.pt"))
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -290,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         if "logits" in r and r["method"] not in logits:
             logits[r["method"]] = torch.load(r["logits"], weights_only=True)
-    same = "qconv" in logits and "hf-prequant-bf16" in logits and torch.equal(logits["qconv"], logits["hf-prequant-bf16"])
+    ref = logits.get("hf-prequant-bf16")
+    same = ref is not None and all(m in logits and torch.equal(logits[m], ref) for m in ("qconv", "qconv-warm"))
     best = {}
     for r in rows:  # keep each method's fastest successful run
         if "error" not in r and (r["method"] not in best or r["total_s"] < best[r["method"]]["total_s"]):
@@ -302,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "bench_load.json").write_text(json.dumps(info, indent=1))
     header = (f"{info['device']}, torch {info['torch']}, transformers {info['transformers']}, bitsandbytes "
               f"{info['bitsandbytes']}, python {info['python']}, {info['date']}; checkpoint {nf4_bytes / 2**30:.2f} GiB; "
-              f"best of {args.repeats} for qconv and hf-prequant-bf16; logits qconv == transformers: {same}")
+              f"best of {args.repeats} for {', '.join(REPEATED)}; logits qconv == transformers: {same}")
     (args.out / "bench_load.md").write_text(header + "\n\n" + text + "\n")
     print(header)
     print(text)
