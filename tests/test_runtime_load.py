@@ -148,3 +148,28 @@ def test_lora_ready_with_peft(quantized_checkpoint_factory):
     grads = [p.grad for n, p in lora.items() if "lora_B" in n]  # B starts at zero, so its grad is the signal
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
     assert all(g.abs().sum() > 0 for g in grads)
+
+
+def test_names_needing_transformers_rules_fall_back(quantized_checkpoint_factory, tmp_path):
+    """A checkpoint saved without the ``model.`` prefix: transformers knows how to map it, so we hand over."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = quantized_checkpoint_factory("llama")
+    out = tmp_path / "no-prefix"
+    shutil.copytree(src, out)
+    tensors = load_file(str(out / "model.safetensors"))
+    save_file({k.removeprefix("model."): v for k, v in tensors.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    model, _ = runtime.from_pretrained(out, dtype=torch.bfloat16, patch=False)
+    assert model._qconv["fallback"] is True and model.is_loaded_in_4bit
+    assert torch.equal(logits(stock_fast_path_off(model)), logits(reference(src)))
+
+
+def test_import_is_light():
+    import subprocess
+    import sys
+
+    code = "import sys, qconv.runtime; print(sorted(m for m in ('torch', 'transformers', 'bitsandbytes') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
