@@ -167,6 +167,12 @@ def from_pretrained(
     ``cpu``), a device, ``"auto"``/``"sequential"`` or a ``{module: device}`` dict. ``patch`` swaps in
     qconv kernels where available; ``patch=False`` is stock transformers. ``verify`` checks the
     manifest's sha256 of every file first. The model is returned in eval mode, like transformers does.
+
+    Patches (CUDA, or CPU under ``TRITON_INTERPRET=1``) swap RMSNorm, the gated MLP's activation, RoPE and
+    the causal-LM loss for qconv kernels; the cross-entropy kernel may reuse the logits' memory for their
+    gradient, so read ``outputs.logits`` before ``loss.backward()``.
+    ``model._qconv`` records what happened (directory, revision, patched ops, replayed tokenizer fixes,
+    whether transformers had to load a checkpoint whose names need its renaming rules, phase timings).
     """
     start = time.perf_counter()
     marks: dict[str, float] = {}

@@ -1,9 +1,11 @@
 """Load the tokenizer and replay the manifest's tokenizer fixes that matter at load time.
 
 The converter records each change it made as a ``TokenizerFix`` dict (kind, detail, before, after,
-applied). Most are already baked into the saved files; at load time we re-apply the ones a saved
-tokenizer can lose or that other tools' files may lack: ``pad_token`` (when the tokenizer has none) and
-``padding_side``. Then ``model.config`` and ``generation_config`` get the tokenizer's pad id.
+applied; shapes in ``qconv/converter/tokenizer_fix.py``). Most are already baked into the saved files; at
+load time we re-apply the ones a saved tokenizer can lose: ``pad_token`` (``after`` = ``{token, id, ...}``
+or a plain token; only when the tokenizer has no pad token and the token exists with that id) and
+``padding_side``. Then ``model.config`` and ``generation_config`` get the tokenizer's pad id. Findings
+(``applied=False``) and everything else are not replayed.
 """
 
 from __future__ import annotations
@@ -50,8 +52,13 @@ def replay_fixes(tokenizer, fixes: Iterable[Mapping[str, Any]]) -> list[str]:
             token = _token_of(after)
             if tokenizer.pad_token is not None or token is None:
                 continue
-            if tokenizer.convert_tokens_to_ids(token) in (None, tokenizer.unk_token_id) and token != tokenizer.unk_token:
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            if token_id in (None, tokenizer.unk_token_id) and token != tokenizer.unk_token:
                 logger.warning("tokenizer fix pad_token=%r: token not in the vocabulary, not replayed", token)
+                continue
+            recorded_id = after.get("id") if isinstance(after, Mapping) else None
+            if recorded_id is not None and recorded_id != token_id:
+                logger.warning("tokenizer fix pad_token=%r: recorded id %s but the tokenizer says %s, not replayed", token, recorded_id, token_id)
                 continue
             tokenizer.pad_token = token
             done.append(f"pad_token={token!r}")

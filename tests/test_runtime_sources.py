@@ -53,7 +53,8 @@ def _with_fixes(src, tmp_path, fixes):
 
 
 FIXES = [
-    fmt.TokenizerFix("pad_token", "no pad token: use eos", before=None, after="</s>").to_dict(),
+    fmt.TokenizerFix("pad_token", "no pad token: use eos", before={"token": None, "id": None},
+                     after={"token": "</s>", "id": 2, "added": False}).to_dict(),
     fmt.TokenizerFix("padding_side", "pad on the left", before="right", after="left").to_dict(),
     fmt.TokenizerFix("chat_template", "template added", after="{{ x }}").to_dict(),
     fmt.TokenizerFix("untrained_rows", "found only", after=[3, 4], applied=False).to_dict(),
@@ -88,3 +89,9 @@ def test_checkpoint_without_tokenizer(quantized_checkpoint_factory, tmp_path):
         p.unlink()
     model, tok = runtime.from_pretrained(out, max_seq_length=64)
     assert tok is None and model is not None
+
+
+def test_pad_token_record_with_wrong_id_not_replayed(quantized_checkpoint_factory, tmp_path):
+    fix = fmt.TokenizerFix("pad_token", "eos as pad", after={"token": "</s>", "id": 1, "added": False}).to_dict()
+    _, tok = runtime.from_pretrained(_with_fixes(quantized_checkpoint_factory("llama"), tmp_path, [fix]))
+    assert tok.convert_tokens_to_ids("</s>") == 2 and tok.pad_token is None
