@@ -28,7 +28,7 @@ from qconv.kernels.utils import check_device, next_power_of_2
 
 MAX_COLS = 65536
 #: Launch parameters (benchmarks may override them): elements per forward tile, backward programs per SM.
-TUNING = {"fwd_tile": 4096, "fwd_warps": 0, "bwd_tile": 4096, "bwd_warps": 16, "bwd_programs_per_sm": 1}  # 0: auto
+TUNING = {"fwd_tile": 4096, "fwd_warps": 0, "bwd_tile": 16384, "bwd_warps": 16, "bwd_programs_per_sm": 1}  # 0: auto
 INTERPRETER_TILE = 65536
 
 

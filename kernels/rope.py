@@ -25,7 +25,7 @@ from qconv.kernels.inplace import bump_version, grad_is_exclusive, is_dense, is_
 from qconv.kernels.utils import check_device, next_power_of_2
 
 #: Launch parameters (benchmarks may override them).
-TUNING = {"block_s": 16, "block_h": 4, "num_warps": 4}
+TUNING = {"block_s": 64, "block_h": 1, "num_warps": 4}  # best GPU time on an H100 (docs/benchmarks.md)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
