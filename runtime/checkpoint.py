@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,6 @@ class Checkpoint:
     manifest: fmt.Manifest | None
     revision: str = ""
     source: str = ""
-    tensor_files: dict[str, Path] = field(default_factory=dict)
 
 
 def resolve_directory(

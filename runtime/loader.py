@@ -136,13 +136,13 @@ def _load_generation_config(model: Any, directory: Path) -> None:
         model.generation_config = GenerationConfig.from_pretrained(directory)
 
 
-def _fallback(directory: Path, dtype, plan, trust_remote_code: bool, reason: str):
+def _fallback(directory: Path, config, dtype, plan, trust_remote_code: bool, reason: str):
     """Names that need transformers' renaming rules: let transformers load the checkpoint itself."""
     from transformers import AutoModelForCausalLM
 
     logger.warning("%s: %s; loading through transformers.from_pretrained instead (slower)", directory, reason)
     return AutoModelForCausalLM.from_pretrained(
-        directory, dtype=dtype, device_map=plan.hf_device_map(), trust_remote_code=trust_remote_code
+        directory, config=config, dtype=dtype, device_map=plan.hf_device_map(), trust_remote_code=trust_remote_code
     )
 
 
@@ -193,8 +193,6 @@ def from_pretrained(
     settings = fmt.settings_from_quantization_config(ckpt.config["quantization_config"])
     mark("headers")
 
-    import torch
-
     from qconv.runtime.device_map import resolve_device_map, resolve_dtype
 
     sizes = {name: e.nbytes for name, e in entries.items()}
@@ -205,6 +203,7 @@ def from_pretrained(
     mark("torch")
     staging = _Staging(headers, plan.device_of)
     mark("reading_started")
+    config = None
     try:
         from qconv.runtime import skeleton
 
@@ -221,7 +220,7 @@ def from_pretrained(
             raise skeleton.LayoutMismatch(f"checkpoint names differ from the model's (e.g. {sorted(stored - expected)[0]})")
     except skeleton.LayoutMismatch as exc:
         staging.cancel()
-        model = _fallback(ckpt.directory, dtype, plan, trust_remote_code, str(exc))
+        model = _fallback(ckpt.directory, config, dtype, plan, trust_remote_code, str(exc))
         fallback = True
     except BaseException:
         staging.cancel()

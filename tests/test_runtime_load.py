@@ -161,9 +161,17 @@ def test_names_needing_transformers_rules_fall_back(quantized_checkpoint_factory
     shutil.copytree(src, out)
     tensors = load_file(str(out / "model.safetensors"))
     save_file({k.removeprefix("model."): v for k, v in tensors.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
-    model, _ = runtime.from_pretrained(out, dtype=torch.bfloat16, patch=False)
+    model, _ = runtime.from_pretrained(out, dtype=torch.bfloat16, patch=False, max_seq_length=512)
     assert model._qconv["fallback"] is True and model.is_loaded_in_4bit
-    assert torch.equal(logits(stock_fast_path_off(model)), logits(reference(src)))
+    assert model.config.rope_parameters["rope_type"] == "linear"  # the adjusted config went along
+    from transformers import AutoConfig
+
+    from qconv.runtime.skeleton import apply_max_seq_length
+
+    config = AutoConfig.from_pretrained(src)
+    apply_max_seq_length(config, 512)
+    ref = reference(src, config=config)
+    assert torch.equal(logits(stock_fast_path_off(model)), logits(ref))
 
 
 def test_import_is_light():
