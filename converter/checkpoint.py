@@ -277,11 +277,13 @@ class _Slot:
         return self.buffer
 
 
-def prefetch(checkpoint: Checkpoint, names: list[str], *, depth: int = 2,
-             pin_memory: bool = False) -> Iterator[tuple[str, torch.Tensor, Callable[[], None]]]:
+def prefetch(checkpoint: Checkpoint, names: list[str], *, depth: int = 2, pin_memory: bool = False,
+             own_memory: Callable[[str], bool] = lambda name: False,
+             ) -> Iterator[tuple[str, torch.Tensor, Callable[[], None]]]:
     """Yield ``(name, tensor, release)`` in order while a thread reads ahead into ``depth + 1`` reused buffers.
 
-    The tensor may live in a reused buffer: call ``release()`` once nothing refers to it any more.
+    The tensor may live in a reused buffer: call ``release()`` once nothing refers to it any more. Tensors
+    for which ``own_memory(name)`` is true are read into fresh memory instead (the caller may keep them).
     An exception in the reader thread is re-raised here.
     """
     free: queue.Queue[_Slot] = queue.Queue()
@@ -297,7 +299,8 @@ def prefetch(checkpoint: Checkpoint, names: list[str], *, depth: int = 2,
                 if stop.is_set():
                     return
                 info = checkpoint.infos[name]
-                buffer = slot.ensure(info.nbytes) if checkpoint.kind == "safetensors" else None
+                reuse = checkpoint.kind == "safetensors" and not own_memory(name)
+                buffer = slot.ensure(info.nbytes) if reuse else None
                 ready.put((name, checkpoint.read(name, buffer), slot))
         except BaseException as exc:  # handed to the consumer
             ready.put(exc)

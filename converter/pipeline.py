@@ -50,8 +50,11 @@ def write_tensors(
     params = quantized = kept = 0
     bar = tqdm(total=source_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="qconv convert",
                disable=not progress, leave=False)
+    # Kept tensors are never quantized: read them into their own memory (no pinned slot, no extra copy).
+    kept_names = {t.source_name for t in todo if t.action != QUANTIZE}
     reads = prefetch(checkpoint, [t.source_name for t in todo], depth=prefetch_depth,
-                     pin_memory=device.type == "cuda")
+                     pin_memory=device.type == "cuda", own_memory=kept_names.__contains__)
+    fresh_reads = checkpoint.kind in ("safetensors", "memory")  # kept tensors there are not in reused memory
     try:
         for name, tensor, release in reads:
             step = by_name[name]
@@ -62,8 +65,8 @@ def write_tensors(
             if step.action == QUANTIZE:
                 group = quantizer.quantize(step.out_name, quantizer.to_device(tensor, step.dtype))
                 quantized += 1
-            else:  # a copy: the source tensor may live in a reused read buffer
-                group = {step.out_name: tensor.to(step.dtype, copy=True)}
+            else:  # .bin tensors are views of a memory-mapped file: copy those
+                group = {step.out_name: tensor.to(step.dtype, copy=not fresh_reads)}
                 kept += 1
             del tensor
             release()
