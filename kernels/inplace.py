@@ -143,6 +143,12 @@ def _probe_cases():
     ]
 
 
+def ensure_calibrated() -> None:
+    """Run the probe now (call from a forward, so that it never runs inside a backward or a graph capture)."""
+    if _Calibration.exclusive is None:
+        calibrate()
+
+
 def calibrate() -> frozenset:
     """Measure the reference counts of exclusive gradients once (CPU, ~1 ms); switch reuse off if unsure."""
     with _Calibration.lock:

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from qconv.errors import QconvError
-from qconv.kernels.inplace import grad_is_exclusive
+from qconv.kernels.inplace import ensure_calibrated, grad_is_exclusive
 from qconv.kernels.utils import check_device, next_power_of_2
 
 MAX_COLS = 65536
@@ -170,6 +170,7 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps, offset, gemma, out_dtype):
+        ensure_calibrated()
         x2 = _as_rows(x)
         y, rstd = _forward(x2, weight, eps, offset, gemma, out_dtype)
         ctx.save_for_backward(x2, weight, rstd)

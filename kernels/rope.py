@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from qconv.errors import QconvError
-from qconv.kernels.inplace import bump_version, grad_is_exclusive, is_dense, is_graph_intermediate
+from qconv.kernels.inplace import bump_version, ensure_calibrated, grad_is_exclusive, is_dense, is_graph_intermediate
 from qconv.kernels.utils import check_device, next_power_of_2
 
 #: Launch parameters (benchmarks may override them).
@@ -141,6 +141,7 @@ class RoPEFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, cos, sin, inplace):
+        ensure_calibrated()
         rot = cos.shape[-1]
         if inplace:  # apply_rope checked that q and k are dense with a contiguous last dim
             q_out, k_out = q_in, k_in = q, k

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from qconv.errors import QconvError
-from qconv.kernels.inplace import bump_version, grad_is_exclusive, is_graph_intermediate
+from qconv.kernels.inplace import bump_version, ensure_calibrated, grad_is_exclusive, is_graph_intermediate
 from qconv.kernels.utils import check_device, next_power_of_2
 
 SILU, GELU_TANH, GELU_ERF = 0, 1, 2
@@ -123,6 +123,7 @@ class GatedActFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate, up, act, reuse_inputs):
+        ensure_calibrated()
         g2, u2 = _rows(gate), _rows(up)
         if not _same_layout(g2, u2):  # e.g. one contiguous, one strided: use per-row views of both
             g2, u2 = gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])
