@@ -185,3 +185,33 @@ def _non_layer_modules(names: Iterable[str]) -> set[str]:
             module = name.split(".weight")[0].split(".bias")[0]
             out.add(module)
     return out
+
+
+def covering_map(model: Any, device_of) -> dict[str, Any]:
+    """The smallest ``{module name: device}`` covering every parameter and buffer of ``model``, without ``""``
+    unless everything is on one device: the form ``accelerate.dispatch_model`` hooks module by module."""
+
+    def devices(prefix: str, module: Any) -> set:
+        names = [n for n, _ in module.named_parameters(remove_duplicate=False)]
+        names += [n for n, _ in module.named_buffers(remove_duplicate=False)]
+        return {device_of(f"{prefix}.{n}" if prefix else n) for n in names}
+
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, module: Any) -> None:
+        found = devices(prefix, module)
+        if len(found) <= 1:
+            if found:
+                out[prefix] = found.pop()
+            return
+        own = [n for n, _ in module.named_parameters(recurse=False, remove_duplicate=False)]
+        own += [n for n, _ in module.named_buffers(recurse=False, remove_duplicate=False)]
+        for n in own:
+            full = f"{prefix}.{n}" if prefix else n
+            out[full] = device_of(full)
+        for name, child in module.named_children():
+            walk(f"{prefix}.{name}" if prefix else name, child)
+
+    walk("", model)
+    return out
+

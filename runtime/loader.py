@@ -246,8 +246,13 @@ def from_pretrained(
         if len(plan.devices) > 1:
             from accelerate import dispatch_model
 
-            dispatch_model(model, device_map=plan.hf_device_map())
-        model.hf_device_map = plan.hf_device_map()
+            from qconv.runtime.device_map import covering_map
+
+            hf_map = {k: (d.index if d.type == "cuda" else d.type) for k, d in covering_map(model, plan.device_of).items()}
+            dispatch_model(model, device_map=hf_map)  # hooks move activations between the devices
+            model.hf_device_map = hf_map
+        else:
+            model.hf_device_map = plan.hf_device_map()
         mark("filled")
         logger.info("read %.2f GiB by %.2f s, %d quantized Linear", sum(sizes.values()) / 2**30, marks["read_done"], report.quantized)
 

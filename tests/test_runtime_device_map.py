@@ -83,3 +83,30 @@ def test_cpu_defaults_and_bad_values():
         resolve_device_map("meta", llama_sizes())
     with pytest.raises(QconvError, match="floating-point"):
         resolve_dtype(torch.int8, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_covering_map_splits_only_where_devices_differ(tied):
+    """The map handed to accelerate.dispatch_model: no "" entry once layers sit on different GPUs."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qconv.runtime.device_map import covering_map
+
+    config = AutoConfig.for_model("llama", vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                                  num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    if tied:
+        model.tie_weights()
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    plan = _split_plan({n: 100 for n in names}, [10**6, 10**6], "auto", tied)
+    cmap = covering_map(model, plan.device_of)
+    assert "" not in cmap and cmap["model.layers.0"] == torch.device("cuda", 0)
+    assert cmap["model.layers.3"] == torch.device("cuda", 1) and cmap["lm_head"] == torch.device("cuda", 0 if tied else 1)
+    assert cmap["model.embed_tokens"] == torch.device("cuda", 0) and cmap["model.rotary_emb"] == torch.device("cuda", 1)
+    every = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers())
+    for n, _ in every:  # every tensor covered exactly once
+        covering = [k for k in cmap if n == k or n.startswith(k + ".")]
+        assert len(covering) == 1 and cmap[covering[0]] == plan.device_of(n), n
+    single = covering_map(model, DevicePlan({"": torch.device("cpu")}).device_of)
+    assert single == {"": torch.device("cpu")}
