@@ -181,13 +181,12 @@ def _gguf_source(path: Path) -> Source:
     del model
     workdir = Path(tempfile.mkdtemp(prefix="qconv-gguf-"))
     try:
-        (workdir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
         try:
             AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(workdir)
         except Exception as exc:  # a GGUF without a usable tokenizer still converts
             logger.warning("%s: no tokenizer could be read from the GGUF file (%s)", path, _one_line(exc))
-        for leftover in (CONFIG_NAME,):  # the tokenizer save must not replace the model config
-            (workdir / leftover).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+        # written after the tokenizer, whose save may leave a config.json of its own
+        (workdir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
