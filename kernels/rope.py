@@ -11,7 +11,8 @@ In place where safe: when q and k are autograd intermediates (the output of a pr
 attention), they are rotated in their own storage, which autograd is told about (its version counter), and
 the outputs are views of them; leaves, views of leaves and tensors outside autograd are left untouched
 unless ``inplace=True`` is passed. The backward rotates the incoming gradients back, in their storage when
-nobody else holds them. One program handles ``BLOCK_H`` heads x ``BLOCK_S`` positions of q or of k.
+nobody else holds them. One program handles ``BLOCK_S`` positions of one batch row with every q and k
+head (``BLOCK_H`` heads per step), so cos/sin are read once per position, as Liger's kernel does.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from qconv.kernels.inplace import bump_version, ensure_calibrated, grad_is_exclu
 from qconv.kernels.utils import check_device, next_power_of_2
 
 #: Launch parameters (benchmarks may override them).
-TUNING = {"block_s": 64, "block_h": 1, "num_warps": 4}  # best GPU time on an H100 (docs/benchmarks.md)
+TUNING = {"block_s": 2, "block_h": 16, "num_warps": 4}  # positions per program, heads per step, warps
+#: Under TRITON_INTERPRET=1 the blocks cover the whole tensor unless this is set (tests set it).
+INTERPRETER_TUNING: dict | None = None
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -47,14 +50,33 @@ def apply_rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     return one(q), one(k)
 
 
-@triton.jit(do_not_specialize=["n_qh", "n_kh"])  # both branches below must see the same types
+@triton.jit
+def _rotate_heads(X, XO, base, n_heads, s_h, s_s, pos64, d, sd_mask, cos1, cos2, sin1, sin2,
+                  HALF: tl.constexpr, BLOCK_H: tl.constexpr, BACKWARD: tl.constexpr):
+    """Rotate all ``n_heads`` heads of the positions ``pos64``, ``BLOCK_H`` heads at a time (outputs: X's strides)."""
+    for h0 in range(0, n_heads, BLOCK_H):
+        heads = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)
+        mask = (heads < n_heads)[:, None, None] & sd_mask[None, :, :]
+        src = base + heads[:, None, None] * s_h + pos64[None, :, None] * s_s + d[None, None, :]
+        x1 = tl.load(X + src, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(X + src + HALF, mask=mask, other=0.0).to(tl.float32)
+        if BACKWARD:  # the transpose of the rotation
+            y1 = x1 * cos1 + x2 * sin2
+            y2 = x2 * cos2 - x1 * sin1
+        else:
+            y1 = x1 * cos1 - x2 * sin1
+            y2 = x2 * cos2 + x1 * sin2
+        tl.store(XO + src, y1.to(XO.dtype.element_ty), mask=mask)
+        tl.store(XO + src + HALF, y2.to(XO.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _rope_kernel(Q, K, QO, KO, COS, SIN, seq_len, n_qh, n_kh, sq_b, sq_h, sq_s, sk_b, sk_h, sk_s,
                  sc_b, sc_s, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
                  BLOCK_H: tl.constexpr, BACKWARD: tl.constexpr):
+    """One program: ``BLOCK_S`` positions of one batch row, every q and k head; cos/sin read once."""
     pid_s = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    q_groups = tl.cdiv(n_qh, BLOCK_H)
+    b = tl.program_id(1).to(tl.int64)
     pos = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
     if BLOCK_D == HALF:  # no mask along the head dimension: keeps the loads vectorized
@@ -68,25 +90,10 @@ def _rope_kernel(Q, K, QO, KO, COS, SIN, seq_len, n_qh, n_kh, sq_b, sq_h, sq_s, 
     cos2 = tl.load(COS + cs + HALF, mask=sd_mask, other=0.0).to(tl.float32)[None, :, :]
     sin1 = tl.load(SIN + cs, mask=sd_mask, other=0.0).to(tl.float32)[None, :, :]
     sin2 = tl.load(SIN + cs + HALF, mask=sd_mask, other=0.0).to(tl.float32)[None, :, :]
-
-    if pid_h < q_groups:  # outputs have the inputs' strides
-        X, XO, n_heads, head0, s_b, s_h, s_s = Q, QO, n_qh, pid_h * BLOCK_H, sq_b, sq_h, sq_s
-    else:
-        X, XO, n_heads, head0, s_b, s_h, s_s = K, KO, n_kh, (pid_h - q_groups) * BLOCK_H, sk_b, sk_h, sk_s
-    heads = (head0 + tl.arange(0, BLOCK_H)).to(tl.int64)
-    mask = (heads < n_heads)[:, None, None] & sd_mask[None, :, :]
-    src = b * s_b + heads[:, None, None] * s_h + pos64[None, :, None] * s_s + d[None, None, :]
-    dst = src
-    x1 = tl.load(X + src, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(X + src + HALF, mask=mask, other=0.0).to(tl.float32)
-    if BACKWARD:  # the transpose of the rotation
-        y1 = x1 * cos1 + x2 * sin2
-        y2 = x2 * cos2 - x1 * sin1
-    else:
-        y1 = x1 * cos1 - x2 * sin1
-        y2 = x2 * cos2 + x1 * sin2
-    tl.store(XO + dst, y1.to(XO.dtype.element_ty), mask=mask)
-    tl.store(XO + dst + HALF, y2.to(XO.dtype.element_ty), mask=mask)
+    _rotate_heads(Q, QO, b * sq_b, n_qh, sq_h, sq_s, pos64, d, sd_mask, cos1, cos2, sin1, sin2,
+                  HALF, BLOCK_H, BACKWARD)
+    _rotate_heads(K, KO, b * sk_b, n_kh, sk_h, sk_s, pos64, d, sd_mask, cos1, cos2, sin1, sin2,
+                  HALF, BLOCK_H, BACKWARD)
 
 
 def _cos_sin_3d(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,10 +114,13 @@ def _rotate(q, k, q_out, k_out, cos, sin, backward: bool) -> None:
     n_kh = k.shape[1]
     half = cos.shape[-1] // 2
     if q.is_cuda:
-        block_s, block_h, warps = TUNING["block_s"], min(TUNING["block_h"], next_power_of_2(max(n_qh, n_kh))), TUNING["num_warps"]
+        block_s, warps = TUNING["block_s"], TUNING["num_warps"]
+        block_h = min(TUNING["block_h"], next_power_of_2(max(n_qh, n_kh)))
+    elif INTERPRETER_TUNING is not None:  # tests: small blocks, several head steps
+        block_s, block_h, warps = INTERPRETER_TUNING["block_s"], INTERPRETER_TUNING["block_h"], 4
     else:  # the interpreter: few, large programs
         block_s, block_h, warps = min(64, next_power_of_2(seq)), next_power_of_2(max(n_qh, n_kh)), 4
-    grid = (-(-seq // block_s), -(-n_qh // block_h) + -(-n_kh // block_h), bsz)
+    grid = (-(-seq // block_s), bsz)
     _rope_kernel[grid](q, k, q_out, k_out, cos, sin, seq, n_qh, n_kh,
                        *_strides(q), *_strides(k), *_strides(cos)[:2],
                        HALF=half, BLOCK_D=next_power_of_2(half), BLOCK_S=block_s, BLOCK_H=block_h,

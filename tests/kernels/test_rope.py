@@ -80,6 +80,17 @@ def test_matches_reference_fp32(poison, case, layout):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("block_s,block_h", [(4, 2), (8, 1)])
+def test_small_blocks_step_over_heads_and_positions(poison, monkeypatch, block_s, block_h):
+    """Several head steps per program, a ragged last head step (3 q heads) and a ragged last position block."""
+    from qconv.kernels import rope
+
+    monkeypatch.setattr(rope, "INTERPRETER_TUNING", {"block_s": block_s, "block_h": block_h})
+    run_and_compare(2, 3, 1, 11, 16, 16, 2, torch.float32, "cpu")
+    run_and_compare(1, 4, 2, 9, 24, 16, 1, torch.float32, "cpu", layout="bhsd")
+
+
+@needs_interpreter
 def test_bf16_and_distinct_halves(poison):
     run_and_compare(1, 4, 2, 10, 16, 16, 1, torch.bfloat16, "cpu")
     run_and_compare(1, 4, 2, 10, 16, 16, 1, torch.float32, "cpu", duplicated=False)
