@@ -3,14 +3,12 @@
 Each family file declares a :class:`FamilyPatch` (which module classes hold RMSNorm, the gated MLP and
 the attention that applies RoPE); :func:`apply_patches` turns the declaration into per-instance class
 swaps (a cached subclass whose ``forward`` calls the kernel), so parameters, names, ``isinstance`` and
-state dicts are unchanged and an unpatched model is never affected. An op is patched only when its
-kernel exists in ``qconv.kernels``; with none available a patch changes nothing.
+state dicts are unchanged and an unpatched model is never affected.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -51,19 +49,11 @@ def _load_families() -> None:
             importlib.import_module(f"{__name__}.{name}")
 
 
-def kernel(op: str) -> Callable | None:
-    """The ``qconv.kernels`` function for ``op``, or None while it is not written yet.
-
-    Only checks that the defining submodule exists (no triton import); the function itself is
-    resolved at first call by the patched forward.
-    """
+def kernel(op: str) -> Callable:
+    """The ``qconv.kernels`` function for ``op`` (imports triton on first use)."""
     from qconv import kernels
 
-    name = OPS[op]
-    submodule = getattr(kernels, "_EXPORTS", {}).get(name)
-    if submodule is None or importlib.util.find_spec(f"qconv.kernels.{submodule}") is None:
-        return None
-    return lambda *a, **kw: getattr(kernels, name)(*a, **kw)
+    return getattr(kernels, OPS[op])
 
 
 def patch_for(model_type: str) -> FamilyPatch | None:
