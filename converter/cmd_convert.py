@@ -1,4 +1,4 @@
-"""``qconv convert SOURCE``: a thin Click wrapper over :func:`qconv.converter.convert.convert` (and the push)."""
+"""``qconv convert SOURCE``: a thin Click wrapper over :func:`qconv.converter.conversion.convert` (and the push)."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def command(source: str, out: Path | None, quant_type: str, double_quant: bool, 
     The output loads with plain transformers + bitsandbytes (AutoModelForCausalLM.from_pretrained) and
     with qconv's fast loader.
     """
-    from qconv.converter.convert import convert
+    from qconv.converter.conversion import convert
     from qconv.format import QuantSettings
 
     for flag, value in (("--repo-id", repo_id), ("--namespace", namespace), ("--private", private),

@@ -131,10 +131,9 @@ def rebuild_entry(entry: ZooEntry, *, api: Any, token: str | None, work_dir: Pat
 
 
 def _convert(entry: ZooEntry, out: Path, revision: str, token: str) -> None:
-    from qconv.converter import convert as convert_mod
+    from qconv.converter.conversion import convert
 
-    convert_fn = getattr(convert_mod, "convert", convert_mod)
-    convert_fn(entry.source, out, entry.settings, revision=revision, token=token, overwrite=True, progress=False)
+    convert(entry.source, out, entry.settings, revision=revision, token=token, overwrite=True, progress=False)
 
 
 def _verify(entry: ZooEntry, out: Path, revision: str, token: str) -> None:

@@ -123,7 +123,7 @@ def test_already_quantized_tensors(src, tmp_path):
 
 
 def test_qconv_output_is_refused_as_source(base, tmp_path):
-    from qconv.converter.convert import convert
+    from qconv.converter.conversion import convert
 
     first = convert(base, tmp_path / "q", device="cpu", progress=False).out_dir
     expect_error([str(first)], tmp_path, "already quantized", "bitsandbytes")
@@ -189,7 +189,7 @@ def test_push_flags_need_push(base, tmp_path):
 
 
 def test_python_api_raises_qconv_error(base, tmp_path):
-    from qconv.converter.convert import convert
+    from qconv.converter.conversion import convert
     from qconv.format import QuantSettings
 
     with pytest.raises(QconvError, match="--quant-type"):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qconv.converter.convert import convert
+from qconv.converter.conversion import convert
 from qconv.format import (
     CONFIG_NAME,
     GENERATION_CONFIG_NAME,

@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from qconv.converter.cli import main
-from qconv.converter.convert import convert
+from qconv.converter.conversion import convert
 from qconv.errors import QconvError
 from qconv.format import MANIFEST_NAME, QuantSettings, quantization_config, read_manifest, sha256_file
 
@@ -213,3 +213,23 @@ def test_shard_writer_balances_and_hashes(tmp_path):
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert index["metadata"] == {"total_size": 10 * mb, "total_parameters": 10 * mb // 4}
     assert index["weight_map"]["t9"] == names[1] and not list(tmp_path.glob("*.partial"))
+
+
+def test_package_exports_the_function_lazily():
+    """``qconv.converter.convert`` is the function (a plain module ``__getattr__``), imported on first use."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, types\n"
+        "import qconv.converter as c\n"
+        "assert 'qconv.converter.conversion' not in sys.modules and 'torch' not in sys.modules\n"
+        "f = c.convert\n"
+        "import qconv.converter.conversion as m\n"
+        "assert f is m.convert and c.ConvertResult is m.ConvertResult and type(m) is types.ModuleType\n"
+        "from qconv.converter import convert\n"
+        "assert convert is m.convert and not callable(m)\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

@@ -24,7 +24,7 @@ WIDTHS = dict(hidden_size=1024, intermediate_size=3072, num_attention_heads=16, 
 
 CHILD = r"""
 import json, re, sys
-from qconv.converter.convert import convert
+from qconv.converter.conversion import convert
 result = convert(sys.argv[1], sys.argv[2], device="cpu", progress=False, max_shard_size="8MB", fix_tokenizer=False)
 status = open("/proc/self/status").read()
 print(json.dumps({"maxrss_kib": int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)), "stats": result.stats}))

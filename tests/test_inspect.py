@@ -17,7 +17,7 @@ from qconv.converter.inspect_checkpoint import format_table, inspect_checkpoint
 
 @pytest.fixture(scope="module")
 def converted(tiny_checkpoint_factory, tmp_path_factory):
-    from qconv.converter.convert import convert
+    from qconv.converter.conversion import convert
 
     src = tiny_checkpoint_factory("llama")
     return src, convert(src, tmp_path_factory.mktemp("conv") / "out", progress=False).out_dir

@@ -21,7 +21,7 @@ Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
 @pytest.fixture(scope="module")
 def converted(tiny_checkpoint_factory, tmp_path_factory):
     """(source dir, converted dir) for a tiny llama, NF4 defaults."""
-    from qconv.converter.convert import convert
+    from qconv.converter.conversion import convert
 
     src = tiny_checkpoint_factory("llama")
     out = convert(src, tmp_path_factory.mktemp("conv") / "out", progress=False).out_dir
@@ -136,7 +136,7 @@ def test_missing_unlisted_and_config_problems(copy):
 
 
 def test_fp4_single_quant_tied_sharded_odd_shapes(tiny_checkpoint_factory, tmp_path):
-    from qconv.converter.convert import convert
+    from qconv.converter.conversion import convert
 
     src = tiny_checkpoint_factory("qwen2", tie_word_embeddings=True, odd_shapes=True)
     settings = fmt.QuantSettings(quant_type="fp4", blocksize=128, double_quant=False)

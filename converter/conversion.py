@@ -13,9 +13,7 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
-import types
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,13 +203,3 @@ def _write_card(tmp: Path, manifest: Manifest, config: dict[str, Any], source_ca
     path = write_card(tmp, manifest, config, source_card)
     manifest.files[Path(path).name] = sha256_file(path)
     manifest.files = dict(sorted(manifest.files.items()))
-
-
-class _CallableModule(types.ModuleType):
-    """Lets ``qconv.converter.convert`` be called even where it resolves to this module (same name)."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> ConvertResult:
-        return convert(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
