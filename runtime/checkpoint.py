@@ -1,7 +1,7 @@
 """Find a checkpoint's files: resolve a Hub id or directory, list shards, read config and manifest, verify.
 
-Only the standard library (and ``qconv.format``/``qconv.hub``) is used here, so all of it runs before
-torch or transformers are imported.
+Only the standard library (and ``qconv.format``, ``qconv.hub``, ``qconv.safetensors_header``) is used
+here, so all of it runs before torch or transformers are imported.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 
 from qconv import format as fmt
 from qconv.errors import QconvError
+from qconv.safetensors_header import index_shards
 
 logger = logging.getLogger(__name__)
 
@@ -59,19 +60,7 @@ def list_shards(directory: Path) -> list[Path]:
     index = directory / fmt.INDEX_NAME
     single = directory / fmt.SINGLE_SHARD_NAME
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise QconvError(f"{index}: not a readable safetensors index ({exc})") from exc
-        names = sorted(set(weight_map.values()))
-        shards = [fmt.safe_join(directory, n) for n in names]
-        missing = [n for n, p in zip(names, shards) if not p.is_file()]
-        if missing:
-            raise QconvError(
-                f"{directory}: shard {missing[0]} listed in {fmt.INDEX_NAME} is missing"
-                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-            )
-        return shards
+        return index_shards(directory)
     if single.is_file():
         return [single]
     others = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.safetensors"))

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 from qconv import format as fmt
 from qconv.errors import QconvError
 from qconv.runtime import checkpoint as ckpt_mod
-from qconv.runtime.shard_reader import RingUploader, ShardHeader, TensorEntry, as_typed, read_direct, read_header
+from qconv.runtime.shard_reader import RingUploader, as_typed, read_direct
+from qconv.safetensors_header import ShardHeader, TensorEntry, merge_tensors, read_header
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -84,13 +85,7 @@ class _Staging:
 
 def _parse_headers(shards: list[Path]) -> tuple[list[ShardHeader], dict[str, TensorEntry]]:
     headers = [read_header(p) for p in shards]
-    entries: dict[str, TensorEntry] = {}
-    for h in headers:
-        for name, entry in h.tensors.items():
-            if name in entries:
-                raise QconvError(f"{h.path}: tensor {name} is also stored in another shard")
-            entries[name] = entry
-    return headers, entries
+    return headers, merge_tensors(headers)
 
 
 def _compute_dtype(settings: fmt.QuantSettings, device: "torch.device") -> "torch.dtype":

@@ -1,6 +1,6 @@
 """Read safetensors shards straight into their destination tensors.
 
-The header is parsed here (8-byte little-endian length, then JSON), so the loader knows every tensor's
+Headers are parsed by :mod:`qconv.safetensors_header` (no torch), so the loader knows every tensor's
 byte range before torch or transformers are imported. Two readers fill pre-allocated destination tensors:
 
 * :func:`read_direct` - host destinations: ``os.preadv`` straight into each tensor's memory (one copy,
@@ -13,107 +13,23 @@ byte range before torch or transformers are imported. Two readers fill pre-alloc
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
-import struct
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from qconv.errors import QconvError
+from qconv.safetensors_header import TensorEntry
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 logger = logging.getLogger(__name__)
 
-#: safetensors dtype -> (bytes per element, torch dtype attribute name)
-DTYPES: dict[str, tuple[int, str]] = {
-    "F64": (8, "float64"), "F32": (4, "float32"), "F16": (2, "float16"), "BF16": (2, "bfloat16"),
-    "I64": (8, "int64"), "I32": (4, "int32"), "I16": (2, "int16"), "I8": (1, "int8"), "U8": (1, "uint8"),
-    "BOOL": (1, "bool"), "U16": (2, "uint16"), "U32": (4, "uint32"), "U64": (8, "uint64"),
-    "F8_E4M3": (1, "float8_e4m3fn"), "F8_E5M2": (1, "float8_e5m2"), "C64": (8, "complex64"),
-}
-MAX_HEADER_BYTES = 100 << 20
 _MAX_PREAD = 1 << 30  # Linux caps one read at ~2 GiB; stay well below
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    """One tensor of a shard: its dtype, shape and absolute byte range in the file."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.begin
-
-    def torch_dtype(self) -> "torch.dtype":
-        import torch
-
-        return getattr(torch, DTYPES[self.dtype][1])
-
-
-@dataclass
-class ShardHeader:
-    """The parsed header of one ``.safetensors`` file."""
-
-    path: Path
-    data_start: int
-    size: int
-    tensors: dict[str, TensorEntry]
-    metadata: dict[str, str] = field(default_factory=dict)
-
-
-def read_header(path: str | os.PathLike) -> ShardHeader:
-    """Parse and validate the header of a safetensors file; :class:`QconvError` when it is malformed."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw_len = f.read(8)
-            if len(raw_len) < 8:
-                raise QconvError(f"{path}: too short to be a safetensors file")
-            (n,) = struct.unpack("<Q", raw_len)
-            if n > MAX_HEADER_BYTES or 8 + n > size:
-                raise QconvError(f"{path}: corrupt safetensors header (length {n} for a {size}-byte file)")
-            header = json.loads(f.read(n))
-    except FileNotFoundError as exc:
-        raise QconvError(f"{path}: shard file is missing") from exc
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise QconvError(f"{path}: safetensors header is not valid JSON ({exc})") from exc
-    if not isinstance(header, dict):
-        raise QconvError(f"{path}: safetensors header is not a JSON object")
-    data_start = 8 + n
-    metadata = header.pop("__metadata__", None) or {}
-    tensors: dict[str, TensorEntry] = {}
-    for name, info in header.items():
-        tensors[name] = _entry(path, name, info, data_start, size)
-    return ShardHeader(path=path, data_start=data_start, size=size, tensors=tensors, metadata=metadata)
-
-
-def _entry(path: Path, name: str, info: Any, data_start: int, size: int) -> TensorEntry:
-    try:
-        dtype, shape, (b, e) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise QconvError(f"{path}: header entry {name!r} is malformed") from exc
-    if dtype not in DTYPES:
-        raise QconvError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
-    numel = 1
-    for s in shape:
-        if s < 0:
-            raise QconvError(f"{path}: tensor {name!r} has a negative dimension")
-        numel *= s
-    if not (0 <= b <= e and data_start + e <= size and e - b == numel * DTYPES[dtype][0]):
-        raise QconvError(f"{path}: tensor {name!r} has byte range [{b}, {e}) that does not fit its shape or the file")
-    return TensorEntry(name, dtype, shape, data_start + b, data_start + e)
 
 
 def as_typed(entry: TensorEntry, raw: "torch.Tensor") -> "torch.Tensor":
@@ -141,9 +57,9 @@ def read_direct(path: Path, jobs: Iterable[tuple[TensorEntry, "torch.Tensor"]]) 
     """Read each entry's bytes into its host destination (a flat uint8 CPU tensor of ``entry.nbytes``)."""
     fd = _open(path)
     try:
-        for entry, dest in sorted(jobs, key=lambda j: j[0].begin):
+        for entry, dest in sorted(jobs, key=lambda j: j[0].start):
             if entry.nbytes:
-                _pread_into(fd, memoryview(dest.numpy()).cast("B"), entry.begin, path)
+                _pread_into(fd, memoryview(dest.numpy()).cast("B"), entry.start, path)
     finally:
         os.close(fd)
 
@@ -166,8 +82,8 @@ def plan_chunks(
     """
     chunks: list[_Chunk] = []
     cur: _Chunk | None = None
-    for entry, dest in sorted(jobs, key=lambda j: j[0].begin):
-        pos = entry.begin
+    for entry, dest in sorted(jobs, key=lambda j: j[0].start):
+        pos = entry.start
         while pos < entry.end:
             if cur is None or pos - cur.end > max_gap or pos < cur.end or cur.end - cur.begin >= chunk_bytes:
                 cur = _Chunk(path, pos, pos, [])
@@ -177,7 +93,7 @@ def plan_chunks(
                 cur = None
                 continue
             length = min(entry.end - pos, room)
-            cur.pieces.append((dest, pos - entry.begin, pos - cur.begin, length))
+            cur.pieces.append((dest, pos - entry.start, pos - cur.begin, length))
             pos += length
             cur.end = pos
     return chunks

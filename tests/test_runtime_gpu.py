@@ -47,7 +47,8 @@ def test_gpu_logits_equal_transformers(quantized_checkpoint_factory, arch):
 def test_gpu_ring_uploader_byte_exact(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from qconv.runtime.shard_reader import RingUploader, as_typed, read_header
+    from qconv.runtime.shard_reader import RingUploader, as_typed
+    from qconv.safetensors_header import read_header
 
     tensors = {f"t{i}": torch.randn(1000 + 37 * i, dtype=torch.bfloat16) for i in range(20)}
     tensors["u8"] = torch.randint(0, 255, (4099,), dtype=torch.uint8)

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qconv.errors import QconvError
-from qconv.runtime.shard_reader import RingUploader, as_typed, plan_chunks, read_direct, read_header
+from qconv.runtime.shard_reader import RingUploader, as_typed, plan_chunks, read_direct
+from qconv.safetensors_header import read_header
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +115,7 @@ def test_truncated_and_missing_files(tmp_path, shard):
     cut.write_bytes(shard.read_bytes())
     entry = header.tensors["e.big"]
     with open(cut, "r+b") as f:
-        f.truncate(entry.begin + 10)
+        f.truncate(entry.start + 10)
     with pytest.raises(QconvError, match="end of file"):
         read_direct(cut, [(entry, torch.empty(entry.nbytes, dtype=torch.uint8))])
     with pytest.raises(QconvError, match="end of file"):
