@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from qconv import format as fmt
-from qconv.converter import safetensors_headers as sth
+from qconv import safetensors_header as sth
 from qconv.errors import QconvError
 
 
@@ -42,7 +42,7 @@ def inspect_checkpoint(directory: str | Path) -> dict[str, Any]:
     states: dict[str, dict] = {}
     for weight, quant_type in quantized.items():
         try:
-            states[weight] = sth.read_state_json(headers[f"{weight}.{fmt.packed_state_suffix(quant_type)}"])
+            states[weight] = json.loads(headers[f"{weight}.{fmt.packed_state_suffix(quant_type)}"].read_bytes().decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise QconvError(f"{weight}: unreadable packed quant state ({exc}); run qconv verify") from exc
     kept = [h for n, h in headers.items() if n not in quantized and not fmt.is_state_tensor(n)]

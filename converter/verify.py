@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qconv import format as fmt
-from qconv.converter import safetensors_headers as sth
+from qconv import safetensors_header as sth
 from qconv.errors import QconvError
 
 log = logging.getLogger(__name__)
@@ -137,30 +137,30 @@ def _check_config(directory: Path, report: VerifyReport) -> dict:
     return config
 
 
-def _check_index(directory: Path, headers: dict[str, sth.TensorHeader], report: VerifyReport) -> None:
+def _check_index(directory: Path, headers: dict[str, sth.TensorEntry], report: VerifyReport) -> None:
     if not (directory / fmt.INDEX_NAME).is_file():
         return
     weight_map = sth.read_index(directory)
     for name, shard in sorted(weight_map.items()):
         if name not in headers:
-            report.problems.append(f"{fmt.INDEX_NAME}: lists {name} in {shard}, which does not store it")
-        elif headers[name].file.name != shard:
-            report.problems.append(f"{fmt.INDEX_NAME}: lists {name} in {shard}, but it is in {headers[name].file.name}")
+            report.problems.append(f"{fmt.INDEX_NAME}: lists {name} in {shard.name}, which does not store it")
+        elif headers[name].file != shard:
+            report.problems.append(f"{fmt.INDEX_NAME}: lists {name} in {shard.name}, but it is in {headers[name].file.name}")
     for name in sorted(set(headers) - set(weight_map)):
         report.problems.append(f"{fmt.INDEX_NAME}: does not list {name} ({headers[name].file.name})")
 
 
-def _check_quantized(headers: dict[str, sth.TensorHeader], config: dict, report: VerifyReport) -> dict[str, dict]:
+def _check_quantized(headers: dict[str, sth.TensorEntry], config: dict, report: VerifyReport) -> dict[str, dict]:
     """Check each quantized weight's state tensors; return weight name -> its packed quant-state JSON."""
     qc = config.get("quantization_config") or {}
     expect_type = qc.get("bnb_4bit_quant_type")
     expect_double = qc.get("bnb_4bit_use_double_quant")
-    storage = sth.TORCH_DTYPE_NAMES.get(str(qc.get("bnb_4bit_quant_storage") or "uint8").removeprefix("torch."), "U8")
+    storage = sth.SAFETENSORS_DTYPE_OF_TORCH.get(str(qc.get("bnb_4bit_quant_storage") or "uint8").removeprefix("torch."), "U8")
     states: dict[str, dict] = {}
     for weight, quant_type in sorted(fmt.quantized_weight_names(headers).items()):
         problems = report.problems
         try:
-            state = sth.read_state_json(headers[f"{weight}.{fmt.packed_state_suffix(quant_type)}"])
+            state = json.loads(headers[f"{weight}.{fmt.packed_state_suffix(quant_type)}"].read_bytes().decode("utf-8"))
             shape = [int(d) for d in state["shape"]]
             blocksize = int(state["blocksize"])
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
@@ -196,17 +196,17 @@ def _state_owner(name: str) -> str:
     return head if sep else name.rsplit(".", 1)[0]
 
 
-def _expect(problems: list[str], t: sth.TensorHeader, dtype: str, numel: int, what: str) -> None:
+def _expect(problems: list[str], t: sth.TensorEntry, dtype: str, numel: int, what: str) -> None:
     if t.dtype != dtype or t.numel != numel:
         problems.append(f"{t.name}: {t.dtype} {list(t.shape)}, expected {dtype} with {numel} element(s) ({what})")
 
 
-def _check_shapes(weight: str, state: dict, headers: dict[str, sth.TensorHeader], storage: str, problems: list[str]) -> None:
+def _check_shapes(weight: str, state: dict, headers: dict[str, sth.TensorEntry], storage: str, problems: list[str]) -> None:
     """Packed size, absmax count, nested sizes and map lengths, as bitsandbytes lays them out."""
     n = math.prod(int(d) for d in state["shape"])
     blocks = math.ceil(n / int(state["blocksize"]))
     packed = headers[weight]
-    itemsize = sth.DTYPE_BYTES[packed.dtype]
+    itemsize = sth.itemsize(packed.dtype)
     if packed.dtype != storage or packed.nbytes != (n + 1) // 2 or len(packed.shape) != 2 or packed.shape[1] != 1:
         problems.append(f"{weight}: packed {packed.dtype} {list(packed.shape)}, expected {storage} "
                         f"[{(n + 1) // 2 // itemsize}, 1] for shape {state['shape']}")

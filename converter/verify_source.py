@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from qconv import format as fmt
-from qconv.converter import safetensors_headers as sth
+from qconv import safetensors_header as sth
 from qconv.errors import QconvError
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def _match(name: str, source: dict[str, Path]) -> str | None:
     return short if short in source else None
 
 
-def compare_with_source(report, headers: dict[str, sth.TensorHeader], quantized: dict[str, dict], config: dict[str, Any],
+def compare_with_source(report, headers: dict[str, sth.TensorEntry], quantized: dict[str, dict], config: dict[str, Any],
                         manifest: fmt.Manifest | None, source: str | Path, *, progress: bool = False) -> None:
     """Fill ``report.tensor_errors`` and add a problem per tensor that does not match the source."""
     import torch
