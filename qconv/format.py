@@ -294,6 +294,41 @@ def sha256_file(path: str | os.PathLike, chunk: int = 16 << 20) -> str:
     return h.hexdigest()
 
 
+#: Piece size of the safetensors tree digest of a source weight file (docs/format.md §6.1).
+SOURCE_TREE_PIECE = 16 << 20
+#: Name of that digest, recorded in the manifest's ``source.tree_hash``.
+SOURCE_TREE_HASH = "sha256-safetensors-tree-16MiB"
+
+
+def tree_digest(header_digest: bytes, piece_digests: Iterable[bytes]) -> str:
+    """Hex sha256 over a header's raw sha256 followed by each data piece's raw sha256, in file order."""
+    h = hashlib.sha256(header_digest)
+    for d in piece_digests:
+        h.update(d)
+    return h.hexdigest()
+
+
+def safetensors_tree_sha256(path: str | os.PathLike) -> str:
+    """The tree digest of a safetensors file (reference implementation, reads the whole file).
+
+    Header = the first ``8 + N`` bytes; pieces = each tensor's data, tensors in data-offset order, cut every
+    ``SOURCE_TREE_PIECE`` bytes from the tensor's start (an empty tensor has none). The digest is
+    ``sha256(sha256(header) || sha256(piece_1) || ...)``, so pieces can be hashed in parallel as they are read.
+    """
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little")
+        header_bytes = head + f.read(n)
+        header = json.loads(header_bytes[8:])
+        spans = sorted(tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__")
+        pieces = []
+        for start, end in spans:
+            for a in range(start, end, SOURCE_TREE_PIECE):
+                f.seek(8 + n + a)
+                pieces.append(hashlib.sha256(f.read(min(end, a + SOURCE_TREE_PIECE) - a)).digest())
+    return tree_digest(hashlib.sha256(header_bytes).digest(), pieces)
+
+
 def cache_key(source_revision: str, settings: QuantSettings) -> str:
     """Key under which a conversion is reproducible: source revision + settings + format version."""
     blob = json.dumps(
