@@ -2,21 +2,23 @@
 
 Paths, by the number of rows ``M = prod(x.shape[:-1])``:
 
-* ``M <= GEMV_MAX_ROWS`` (decoding): a fused dequantize + GEMV Triton kernel (``stream``). Each program
+* ``M <= GEMV_MAX_ROWS`` (decoding): a fused dequantize + GEMV Triton kernel. ``tile`` (the default,
+  faster on an H100): each program owns ``BLOCK_N`` features and walks all of K as ``[BLOCK_N, NB,
+  bs/2]`` byte tiles, reducing each block's dot product before scaling it by the absmax. ``stream``
+  (selectable, ``GEMV_KERNEL``; measured 1.5x slower): each program
   owns ``BLOCK_N`` output features and a contiguous run of their quantization blocks (all of K, or a
   ``1/SPLIT`` share: split-K, partial sums added atomically into a zeroed float32 buffer) and reads it
   ``NB`` blocks per step as a ``[BLOCK_N, NB, bs/2]`` byte tile. Both nibbles of a byte are looked up in
   the 16-entry code and meet the even and odd elements of x (bf16 x read as one 32-bit word per pair);
   products are scaled by the block's absmax (nested dequantization once per block) and accumulated
-  elementwise in float32; one reduction at the end. An older layout (``tile``: per-step reductions)
-  stays selectable for comparison (``GEMV_KERNEL``).
+  elementwise in float32; one reduction at the end.
 * larger ``M``: dequantize W once (``dequantize_nf4``) and call ``torch.matmul`` (cuBLAS). A fused
   dequantize + ``tl.dot`` kernel was measured slower than this at every M on an H100 (docs/benchmarks.md).
 
 The GEMV kernel needs ``K % blocksize == 0`` (quantization blocks never straddle rows); other shapes
-take the dequantize-then-matmul path. Calls that need no gradient skip autograd, and their launch
-parameters, kernel arguments and (on CUDA) the compiled kernel are cached per quant state, so a
-decoding step costs one ``torch.empty`` and one direct kernel launch. The autograd Function gives
+take the dequantize-then-matmul path. Calls that need no gradient skip autograd and the quant-state
+validation: kernel arguments are cached per quant state (and, for ``stream`` on CUDA, the compiled
+kernel, launched directly without Triton's per-call argument binding). The autograd Function gives
 gradients to ``x`` (and ``bias``); the weight is frozen: ``dx = dy @ W`` via dequantize + matmul.
 """
 
@@ -37,8 +39,10 @@ if HAS_TRITON:
 
 logger = logging.getLogger(__name__)
 
-#: GEMV kernel: "stream" (default) or "tile" (the earlier layout, kept for the benchmark sweep).
-GEMV_KERNEL = "stream"
+#: GEMV kernel: "tile" (default: 0.040 ms GPU for 1x4096 @ 14336x4096 on an H100) or "stream" (the
+#: split-K layout with elementwise accumulation and direct launch; 0.058 ms at best in the same sweep,
+#: docs/benchmarks.md). Both take the cached per-weight plan on the no-grad path.
+GEMV_KERNEL = "tile"
 #: stream kernel: features per program, packed bytes per feature per step, warps, K splits (1: none;
 #: 0: enough splits for ``GEMV_PROGRAMS_PER_SM`` programs per SM), bf16 x read as 32-bit pairs.
 STREAM_BLOCK_N = 4

@@ -26,7 +26,7 @@ from qconv.kernels.inplace import bump_version, ensure_calibrated, grad_is_exclu
 from qconv.kernels.utils import check_device, next_power_of_2
 
 #: Launch parameters (benchmarks may override them).
-TUNING = {"block_s": 2, "block_h": 16, "num_warps": 4}  # positions per program, heads per step, warps
+TUNING = {"block_s": 1, "block_h": 16, "num_warps": 4}  # positions per program, heads per step, warps (H100 sweep)
 #: Under TRITON_INTERPRET=1 the blocks cover the whole tensor unless this is set (tests set it).
 INTERPRETER_TUNING: dict | None = None
 

@@ -122,16 +122,22 @@ def test_dispatch_uses_the_gemv_kernel_for_few_rows(monkeypatch):
     """Up to GEMV_MAX_ROWS rows go to the GEMV kernel and never dequantize the weight; more rows do."""
     packed, state = quantize(32, 128, 64, "nf4", True)
     calls = []
-    dequantize, call = nf4_matmul.dequantize_nf4, nf4_matmul._GemvPlan.__call__
+    dequantize, call, tile = nf4_matmul.dequantize_nf4, nf4_matmul._GemvPlan.__call__, nf4_matmul._gemv
     monkeypatch.setattr(nf4_matmul, "dequantize_nf4", lambda *a, **k: calls.append("dequantize") or dequantize(*a, **k))
-    monkeypatch.setattr(nf4_matmul._GemvPlan, "__call__", lambda *a, **k: calls.append("gemv") or call(*a, **k))
-    for rows in (1, nf4_matmul.GEMV_MAX_ROWS, nf4_matmul.GEMV_MAX_ROWS + 1):
-        nf4_matmul.matmul_nf4(torch.randn(rows, 128), packed, state)
-    assert calls == ["gemv", "gemv", "dequantize"]
+    monkeypatch.setattr(nf4_matmul._GemvPlan, "__call__", lambda *a, **k: calls.append("stream") or call(*a, **k))
+    monkeypatch.setattr(nf4_matmul, "_gemv", lambda *a, **k: calls.append("tile") or tile(*a, **k))
+    for kernel in ("tile", "stream"):
+        monkeypatch.setattr(nf4_matmul, "GEMV_KERNEL", kernel)
+        calls.clear()
+        for rows in (1, nf4_matmul.GEMV_MAX_ROWS, nf4_matmul.GEMV_MAX_ROWS + 1):
+            nf4_matmul.matmul_nf4(torch.randn(rows, 128), packed, state)
+        assert calls == [kernel, kernel, "dequantize"]
 
 
 @needs_triton
-def test_plan_is_cached_per_weight_and_rebuilt_for_another():
+@pytest.mark.parametrize("kernel", ["tile", "stream"])
+def test_plan_is_cached_per_weight_and_rebuilt_for_another(monkeypatch, kernel):
+    monkeypatch.setattr(nf4_matmul, "GEMV_KERNEL", kernel)
     packed, state = quantize(32, 128, 64, "nf4", True)
     x = torch.randn(1, 128)
     y1 = nf4_matmul.matmul_nf4(x, packed, state)
@@ -226,8 +232,9 @@ def test_gpu_gradients(dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(14336, 4096), (24, 8192)])
-def test_gpu_gemv_repeated_calls_direct_launch(dtype, shape):
+def test_gpu_gemv_repeated_calls_direct_launch(monkeypatch, dtype, shape):
     """Later calls take the cached direct launch: same values as the first call, for new x and bias too."""
+    monkeypatch.setattr(nf4_matmul, "GEMV_KERNEL", "stream")
     packed, state = quantize(*shape, 64, "nf4", True, device="cuda")
     for rows in (1, 3):
         for with_bias in (rows == 3,):
