@@ -39,7 +39,7 @@ GEMV_CONFIGS = [(4, 1024, 4, 1, True), (1, 2048, 4, 1, True), (2, 1024, 4, 1, Tr
                 (4, 512, 4, 1, True), (4, 1024, 8, 1, True), (4, 2048, 8, 1, True), (8, 512, 4, 1, True),
                 (8, 1024, 8, 1, True), (16, 256, 4, 1, True), (16, 512, 8, 1, True), (4, 1024, 4, 1, False),
                 (1, 2048, 4, 1, False), (8, 512, 4, 2, True), (16, 512, 8, 4, True), (2, 512, 2, 1, True)]
-ROPE_CONFIGS = [{"block_s": 2, "block_h": 16, "num_warps": 4}, {"block_s": 1, "block_h": 32, "num_warps": 4},
+ROPE_CONFIGS = [{"block_s": 1, "block_h": 16, "num_warps": 4}, {"block_s": 1, "block_h": 32, "num_warps": 4},
                 {"block_s": 1, "block_h": 32, "num_warps": 8}, {"block_s": 2, "block_h": 32, "num_warps": 8},
                 {"block_s": 4, "block_h": 8, "num_warps": 4}, {"block_s": 4, "block_h": 16, "num_warps": 8},
                 {"block_s": 8, "block_h": 8, "num_warps": 8}, {"block_s": 2, "block_h": 8, "num_warps": 4},

@@ -16,8 +16,7 @@ SWEEPS = {  # case -> (module, [TUNING overrides])
         {"bwd_programs_per_sm": 2}, {"bwd_programs_per_sm": 2, "bwd_warps": 8}, {"bwd_programs_per_sm": 4, "bwd_warps": 8},
         {"bwd_warps": 8}, {"bwd_tile": 4096}, {"bwd_tile": 8192}]),
     "rope 32q+8kv x 4096 x 128": ("qconv.kernels.rope", [
-        {}, {"block_s": 16, "block_h": 4}, {"block_s": 16, "block_h": 8, "num_warps": 8}, {"block_s": 32},
-        {"block_s": 32, "block_h": 2}, {"num_warps": 8}, {"block_s": 128}]),
+        {}, {"block_s": 2}, {"block_h": 32}, {"block_s": 2, "block_h": 8}, {"num_warps": 8}, {"block_s": 8, "block_h": 4}]),
     "swiglu 4096x14336": ("qconv.kernels.swiglu", [
         {}, {"num_warps": 8}, {"block": 2048, "num_warps": 8}, {"block": 2048, "num_warps": 4}, {"block": 8192},
         {"block": 8192, "num_warps": 32}, {"block": 1024, "num_warps": 4}]),
