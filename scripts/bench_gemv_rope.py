@@ -43,7 +43,7 @@ ROPE_CONFIGS = [{"block_s": 1, "block_h": 16, "num_warps": 4}, {"block_s": 1, "b
                 {"block_s": 1, "block_h": 32, "num_warps": 8}, {"block_s": 2, "block_h": 32, "num_warps": 8},
                 {"block_s": 4, "block_h": 8, "num_warps": 4}, {"block_s": 4, "block_h": 16, "num_warps": 8},
                 {"block_s": 8, "block_h": 8, "num_warps": 8}, {"block_s": 2, "block_h": 8, "num_warps": 4},
-                {"block_s": 1, "block_h": 16, "num_warps": 4}, {"block_s": 8, "block_h": 4, "num_warps": 4},
+                {"block_s": 2, "block_h": 16, "num_warps": 4}, {"block_s": 8, "block_h": 4, "num_warps": 4},
                 {"block_s": 16, "block_h": 4, "num_warps": 8}, {"block_s": 4, "block_h": 32, "num_warps": 16}]
 
 
