@@ -2,23 +2,18 @@
 
 Paths, by the number of rows ``M = prod(x.shape[:-1])``:
 
-* ``M <= GEMV_MAX_ROWS`` (decoding): a fused dequantize + GEMV Triton kernel. ``tile`` (the default,
-  faster on an H100): each program owns ``BLOCK_N`` features and walks all of K as ``[BLOCK_N, NB,
-  bs/2]`` byte tiles, reducing each block's dot product before scaling it by the absmax. ``stream``
-  (selectable, ``GEMV_KERNEL``; measured 1.5x slower): each program
-  owns ``BLOCK_N`` output features and a contiguous run of their quantization blocks (all of K, or a
-  ``1/SPLIT`` share: split-K, partial sums added atomically into a zeroed float32 buffer) and reads it
-  ``NB`` blocks per step as a ``[BLOCK_N, NB, bs/2]`` byte tile. Both nibbles of a byte are looked up in
-  the 16-entry code and meet the even and odd elements of x (bf16 x read as one 32-bit word per pair);
-  products are scaled by the block's absmax (nested dequantization once per block) and accumulated
-  elementwise in float32; one reduction at the end.
+* ``M <= GEMV_MAX_ROWS`` (decoding): a fused dequantize + GEMV Triton kernel. Each program owns
+  ``BLOCK_N`` output features and walks all of K as ``[BLOCK_N, NB, bs/2]`` byte tiles; both nibbles of
+  a byte are looked up in the 16-entry code, each block's dot product with x is reduced in float32 and
+  scaled by the block's absmax (nested dequantization once per block). A split-K variant with
+  elementwise accumulation and a direct kernel launch was measured slower on an H100 and removed
+  (docs/benchmarks.md).
 * larger ``M``: dequantize W once (``dequantize_nf4``) and call ``torch.matmul`` (cuBLAS). A fused
   dequantize + ``tl.dot`` kernel was measured slower than this at every M on an H100 (docs/benchmarks.md).
 
 The GEMV kernel needs ``K % blocksize == 0`` (quantization blocks never straddle rows); other shapes
 take the dequantize-then-matmul path. Calls that need no gradient skip autograd and the quant-state
-validation: kernel arguments are cached per quant state (and, for ``stream`` on CUDA, the compiled
-kernel, launched directly without Triton's per-call argument binding). The autograd Function gives
+validation: kernel arguments are cached per quant state. The autograd Function gives
 gradients to ``x`` (and ``bias``); the weight is frozen: ``dx = dy @ W`` via dequantize + matmul.
 """
 
@@ -39,18 +34,6 @@ if HAS_TRITON:
 
 logger = logging.getLogger(__name__)
 
-#: GEMV kernel: "tile" (default: 0.040 ms GPU for 1x4096 @ 14336x4096 on an H100) or "stream" (the
-#: split-K layout with elementwise accumulation and direct launch; 0.058 ms at best in the same sweep,
-#: docs/benchmarks.md). Both take the cached per-weight plan on the no-grad path.
-GEMV_KERNEL = "tile"
-#: stream kernel: features per program, packed bytes per feature per step, warps, K splits (1: none;
-#: 0: enough splits for ``GEMV_PROGRAMS_PER_SM`` programs per SM), bf16 x read as 32-bit pairs.
-STREAM_BLOCK_N = 4
-STREAM_STEP_BYTES = 1024
-STREAM_NUM_WARPS = 4
-STREAM_SPLIT = 0
-STREAM_X_PAIRS = True
-GEMV_PROGRAMS_PER_SM = 4
 #: tile kernel (H100 sweep, docs/benchmarks.md): features per program, packed bytes per feature per
 #: step, warps, code lookup (True: one gather per byte from a 256-entry pair table), x split into
 #: even/odd elements (True) or the weight tile interleaved (False).
@@ -157,59 +140,6 @@ if HAS_TRITON:
         tl.store(y_ptr + m_all[:, None].to(tl.int64) * N + n[None, :], y.to(y_ptr.dtype.element_ty),
                  mask=(m_all < M)[:, None] & n_ok[None, :])
 
-    @triton.jit
-    def _nf4_gemv_stream_kernel(
-        x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
-        bias_ptr, y_ptr, M, N, K, blocks_per_split,
-        HALF_BS: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, ROWS: tl.constexpr,
-        NESTED: tl.constexpr, NESTED_BS: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
-        X_PAIRS: tl.constexpr,
-    ):
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # output features
-        n_ok = n < N
-        r = tl.arange(0, ROWS)  # rows of x (all of them: M <= ROWS)
-        r_ok = r < M
-        j = tl.arange(0, NB)  # quantization block within the step
-        c = tl.arange(0, HALF_BS)  # byte within the block
-        blocks_per_row = K // (2 * HALF_BS)
-        kb_begin = pid_k * blocks_per_split
-        kb_end = tl.minimum(kb_begin + blocks_per_split, blocks_per_row)
-        r64 = r.to(tl.int64)[:, None, None]
-        acc = tl.zeros((ROWS, BLOCK_N, NB, HALF_BS), dtype=tl.float32)
-        for kb in range(kb_begin, kb_end, NB):
-            kblk = kb + j
-            kblk_ok = kblk < kb_end
-            blk = n[:, None] * blocks_per_row + kblk[None, :]  # [BLOCK_N, NB] flat block index
-            blk_ok = n_ok[:, None] & kblk_ok[None, :]
-            q = tl.load(packed_ptr + blk[:, :, None] * HALF_BS + c[None, None, :], mask=blk_ok[:, :, None], other=0)
-            absmax = _block_absmax(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, blk, blk_ok, NESTED, NESTED_BS)
-            hi = tl.load(code_ptr + (q >> 4))  # [BLOCK_N, NB, HALF_BS]: element 2c of each block
-            lo = tl.load(code_ptr + (q & 15))  # element 2c + 1
-            pair = kblk[None, :, None] * HALF_BS + c[None, None, :]  # pair index within a row of x
-            x_ok = r_ok[:, None, None] & kblk_ok[None, :, None]
-            if X_PAIRS:  # bf16: one 32-bit word holds x[2c] (low half) and x[2c + 1] (high half)
-                xw = tl.load(x_ptr.to(tl.pointer_type(tl.uint32)) + r64 * (K // 2) + pair, mask=x_ok, other=0)
-                xe = (xw << 16).to(tl.float32, bitcast=True)
-                xo = (xw & 0xFFFF0000).to(tl.float32, bitcast=True)
-            else:
-                t = tl.arange(0, 2)
-                xk = tl.load(x_ptr + r64[:, :, :, None] * K + 2 * pair[:, :, :, None] + t[None, None, None, :],
-                             mask=x_ok[:, :, :, None], other=0)
-                xe, xo = tl.split(xk.to(tl.float32))  # [ROWS, NB, HALF_BS] each
-            acc += (hi[None] * xe[:, None] + lo[None] * xo[:, None]) * absmax[None, :, :, None]
-        y = tl.sum(tl.sum(acc, axis=3), axis=2)  # [ROWS, BLOCK_N]
-        y_off = r.to(tl.int64)[:, None] * N + n[None, :]
-        y_ok = r_ok[:, None] & n_ok[None, :]
-        if HAS_BIAS:
-            b = tl.load(bias_ptr + n, mask=n_ok, other=0).to(tl.float32)[None, :]
-            y += tl.where(pid_k == 0, b, 0.0)
-        if ATOMIC:  # split K: y_ptr is a zeroed float32 buffer
-            tl.atomic_add(y_ptr + y_off, y, mask=y_ok, sem="relaxed")
-        else:
-            tl.store(y_ptr + y_off, y.to(y_ptr.dtype.element_ty), mask=y_ok)
-
 
 def _gemv(x2: torch.Tensor, data: torch.Tensor, quant_state: Any, f: dict[str, Any], bias: torch.Tensor | None,
           block_n: int | None = None, step_bytes: int | None = None, num_warps: int | None = None,
@@ -240,108 +170,13 @@ def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
-def _stream_launch(x2: torch.Tensor, data: torch.Tensor, state: tuple, f: dict[str, Any], bias: torch.Tensor | None,
-                   sm_count: int, block_n: int | None = None, step_bytes: int | None = None,
-                   num_warps: int | None = None, split: int | None = None, x_pairs: bool | None = None):
-    """``(grid, args, num_warps, atomic)`` of the stream kernel for ``x2`` [M, K]; ``args`` leave the output last-but-4 (``None``)."""
-    M, K = x2.shape
-    N, half = f["shape"][0], f["blocksize"] // 2
-    interp = is_interpreter()
-    block_n = block_n or (16 if interp else STREAM_BLOCK_N)
-    step = step_bytes or (4096 if interp else STREAM_STEP_BYTES)
-    rows = 1 << (M - 1).bit_length()
-    bpr = K // f["blocksize"]
-    nb = max(1, min(step // (half * rows), 1 << max(0, (bpr - 1).bit_length())))
-    n_progs = triton_cdiv(N, block_n)
-    split = STREAM_SPLIT if split is None else split
-    if split == 0:  # enough programs to fill the GPU, whole steps per split
-        split = 1 if interp else min(triton_cdiv(bpr, nb), triton_cdiv(GEMV_PROGRAMS_PER_SM * sm_count, n_progs))
-    per_split = triton_cdiv(triton_cdiv(bpr, max(1, split)), nb) * nb
-    split = triton_cdiv(bpr, per_split)
-    x_pairs = (STREAM_X_PAIRS if x_pairs is None else x_pairs) and x2.dtype == torch.bfloat16 and x2.data_ptr() % 4 == 0
-    absmax, table, nested_code, nested_absmax, offset, nested_bs = state
-    args = [x2, data, absmax, table, nested_code, nested_absmax, offset, bias if bias is not None else x2, None,
-            M, N, K, per_split, half, block_n, nb, rows, f["nested"], nested_bs, bias is not None, split > 1, x_pairs]
-    return (n_progs, split, 1), args, num_warps or STREAM_NUM_WARPS, split > 1
-
-
-def _stream_gemv(x2: torch.Tensor, data: torch.Tensor, quant_state: Any, f: dict[str, Any], bias: torch.Tensor | None,
-                 sm_count: int = 132, **params) -> torch.Tensor:
-    """The stream GEMV of ``x2`` [M, K] through Triton's regular launcher (tests, sweeps, first calls)."""
-    state = state_tensors(quant_state, f, x2.device, False)
-    grid, args, warps, atomic = _stream_launch(x2, data, state, f, bias, sm_count, **params)
-    y = _stream_out(x2.shape[0], f["shape"][0], x2, atomic)
-    args[8] = y
-    _nf4_gemv_stream_kernel[grid](*args, num_warps=warps)
-    return y.to(x2.dtype) if atomic else y
-
-
-def _stream_out(M: int, N: int, x2: torch.Tensor, atomic: bool) -> torch.Tensor:
-    if atomic:
-        return torch.zeros((M, N), dtype=torch.float32, device=x2.device)
-    return torch.empty((M, N), dtype=x2.dtype, device=x2.device)
-
-
-#: Whether launching a cached compiled kernel directly gave the same result as Triton's launcher
-#: (checked once per process on the first CUDA call; None: not yet checked).
-_DIRECT_LAUNCH_OK: bool | None = None
-
-
 class _GemvPlan:
-    """Per (quant state, packed weight, device): GEMV kernel arguments, and launchers by call signature."""
+    """Per (quant state, packed weight, device): the GEMV kernel's weight arguments (packed bytes, fields)."""
 
     def __init__(self, packed: torch.Tensor, quant_state: Any, f: dict[str, Any], device: torch.device):
         self.packed, self.absmax, self.f, self.device = packed, quant_state.absmax, f, device
         self.N, self.K = f["shape"]
         self.data = _packed_bytes(packed, f["numel"])
-        self.state = state_tensors(quant_state, f, device, False)
-        self.sm_count = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-        self.launchers: dict[tuple, Any] = {}
-
-    def __call__(self, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        M = x2.shape[0]
-        key = (x2.dtype, M, bias is not None, x2.data_ptr() % 16, 0 if bias is None else bias.data_ptr() % 16)
-        launcher = self.launchers.get(key)
-        if launcher is not None:
-            return launcher(x2, bias)
-        grid, args, warps, atomic = _stream_launch(x2, self.data, self.state, self.f, bias, self.sm_count)
-        y = _stream_out(M, self.N, x2, atomic)
-        args[8] = y
-        compiled = _nf4_gemv_stream_kernel[grid](*args, num_warps=warps)
-        if x2.is_cuda and not torch.cuda.is_current_stream_capturing():
-            launcher = self._direct(compiled, grid, args, atomic, x2, bias, y)
-            if launcher is not None:
-                self.launchers[key] = launcher
-        return y.to(x2.dtype) if atomic else y
-
-    def _direct(self, compiled, grid, args, atomic, x2, bias, y_ref):
-        """A launcher that calls the compiled kernel directly (no argument binding or specialization per call)."""
-        global _DIRECT_LAUNCH_OK
-        try:
-            run, function, metadata = compiled.run, compiled.function, compiled.packed_metadata
-            get_stream = torch._C._cuda_getCurrentRawStream
-        except AttributeError:  # another Triton: keep its launcher
-            return None
-        g0, g1, g2 = grid
-        mid, tail = tuple(args[1:7]), tuple(args[9:])
-        M, N, dtype, device, index = x2.shape[0], self.N, x2.dtype, x2.device, x2.device.index
-
-        def launch(x, b):
-            if torch.cuda.current_device() != index:  # the kernel is loaded for this device's context
-                with torch.cuda.device(index):
-                    return launch(x, b)
-            y = torch.zeros((M, N), dtype=torch.float32, device=device) if atomic else torch.empty((M, N), dtype=dtype, device=device)
-            run(g0, g1, g2, get_stream(index), function, metadata, None, None, None,
-                x, *mid, x if b is None else b, y, *tail)
-            return y.to(dtype) if atomic else y
-
-        if _DIRECT_LAUNCH_OK is None:
-            ref = y_ref.float()
-            got = launch(x2, bias).float()
-            _DIRECT_LAUNCH_OK = bool(torch.allclose(got, ref, rtol=1e-3, atol=1e-3 * float(ref.abs().max()) + 1e-30))
-            if not _DIRECT_LAUNCH_OK:
-                logger.warning("matmul_nf4: direct kernel launch disagrees with Triton's launcher; using Triton's")
-        return launch if _DIRECT_LAUNCH_OK else None
 
 
 def _gemv_plan(packed: torch.Tensor, quant_state: Any, x: torch.Tensor) -> _GemvPlan | None:
@@ -387,10 +222,7 @@ def _forward(x: torch.Tensor, packed: torch.Tensor, quant_state: Any, bias: torc
                 x2 = x2.contiguous()
             if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
                 bias = bias.to(x.dtype).contiguous()
-            if GEMV_KERNEL == "stream":
-                y = plan(x2, bias)
-            else:
-                y = _gemv(x2, plan.data, quant_state, plan.f, bias)
+            y = _gemv(x2, plan.data, quant_state, plan.f, bias)
             return y.view(*x.shape[:-1], plan.N)
     f = _state_fields(quant_state)
     _check(x, f, bias)

@@ -89,27 +89,8 @@ def test_gemv_variants_write_every_output(rows, rows_per_program, pair, even_odd
 
 
 @needs_triton
-@pytest.mark.parametrize("split,block_n,step_bytes,x_pairs", [(3, 8, 64, True), (2, 4, 32, False), (1, 16, 4096, True),
-                                                              (7, 2, 32, True)])
-@pytest.mark.parametrize("rows", [1, 3, 4])
-def test_stream_kernel_split_k_and_odd_shapes(split, block_n, step_bytes, x_pairs, rows):
-    """Split K (7 blocks per row: not a multiple of the splits), N not a multiple of block_n, 1-4 rows, bias."""
-    packed, state = quantize(37, 7 * 32, 32, "nf4", True)
-    f = nf4_dequantize._state_fields(state)
-    data = nf4_dequantize._packed_bytes(packed, f["numel"])
-    for dtype in (torch.float32, torch.bfloat16):
-        x = torch.randn(rows, 7 * 32).to(dtype)
-        bias = torch.randn(37).to(dtype)
-        y = nf4_matmul._stream_gemv(x, data, state, f, bias, split=split, block_n=block_n, step_bytes=step_bytes,
-                                    x_pairs=x_pairs)
-        assert y.dtype == dtype and y.shape == (rows, 37)
-        assert_close_to_reference(y, reference(x, packed, state, bias), x, packed, state,
-                                  rel=1e-5 if dtype == torch.float32 else 1e-2)
-
-
-@needs_triton
-def test_stream_kernel_bf16_x_not_4_byte_aligned():
-    """x at an odd element offset cannot be read as 32-bit pairs: the kernel reads it element-wise."""
+def test_gemv_bf16_x_not_4_byte_aligned():
+    """bf16 x at an odd element offset (not 4-byte aligned) through the GEMV path."""
     packed, state = quantize(24, 128, 64, "nf4", False)
     x = torch.randn(1, 129).to(torch.bfloat16)[:, 1:]
     assert x.data_ptr() % 4 == 2
@@ -122,22 +103,16 @@ def test_dispatch_uses_the_gemv_kernel_for_few_rows(monkeypatch):
     """Up to GEMV_MAX_ROWS rows go to the GEMV kernel and never dequantize the weight; more rows do."""
     packed, state = quantize(32, 128, 64, "nf4", True)
     calls = []
-    dequantize, call, tile = nf4_matmul.dequantize_nf4, nf4_matmul._GemvPlan.__call__, nf4_matmul._gemv
+    dequantize, tile = nf4_matmul.dequantize_nf4, nf4_matmul._gemv
     monkeypatch.setattr(nf4_matmul, "dequantize_nf4", lambda *a, **k: calls.append("dequantize") or dequantize(*a, **k))
-    monkeypatch.setattr(nf4_matmul._GemvPlan, "__call__", lambda *a, **k: calls.append("stream") or call(*a, **k))
     monkeypatch.setattr(nf4_matmul, "_gemv", lambda *a, **k: calls.append("tile") or tile(*a, **k))
-    for kernel in ("tile", "stream"):
-        monkeypatch.setattr(nf4_matmul, "GEMV_KERNEL", kernel)
-        calls.clear()
-        for rows in (1, nf4_matmul.GEMV_MAX_ROWS, nf4_matmul.GEMV_MAX_ROWS + 1):
-            nf4_matmul.matmul_nf4(torch.randn(rows, 128), packed, state)
-        assert calls == [kernel, kernel, "dequantize"]
+    for rows in (1, nf4_matmul.GEMV_MAX_ROWS, nf4_matmul.GEMV_MAX_ROWS + 1):
+        nf4_matmul.matmul_nf4(torch.randn(rows, 128), packed, state)
+    assert calls == ["tile", "tile", "dequantize"]
 
 
 @needs_triton
-@pytest.mark.parametrize("kernel", ["tile", "stream"])
-def test_plan_is_cached_per_weight_and_rebuilt_for_another(monkeypatch, kernel):
-    monkeypatch.setattr(nf4_matmul, "GEMV_KERNEL", kernel)
+def test_plan_is_cached_per_weight_and_rebuilt_for_another():
     packed, state = quantize(32, 128, 64, "nf4", True)
     x = torch.randn(1, 128)
     y1 = nf4_matmul.matmul_nf4(x, packed, state)
@@ -227,34 +202,3 @@ def test_gpu_gradients(dtype):
     scale = dy.double().abs() @ w.abs()
     assert not torch.isnan(dx).any()
     assert ((dx.double() - dx_ref).abs() / scale).max().item() <= GPU_REL[dtype]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(14336, 4096), (24, 8192)])
-def test_gpu_gemv_repeated_calls_direct_launch(monkeypatch, dtype, shape):
-    """Later calls take the cached direct launch: same values as the first call, for new x and bias too."""
-    monkeypatch.setattr(nf4_matmul, "GEMV_KERNEL", "stream")
-    packed, state = quantize(*shape, 64, "nf4", True, device="cuda")
-    for rows in (1, 3):
-        for with_bias in (rows == 3,):
-            x = torch.randn(rows, shape[1], device="cuda").to(dtype)
-            bias = torch.randn(shape[0], device="cuda").to(dtype) if with_bias else None
-            first = nf4_matmul.matmul_nf4(x, packed, state, bias)
-            for _ in range(2):
-                x2 = x.clone()
-                again = nf4_matmul.matmul_nf4(x2, packed, state, bias)
-                assert torch.allclose(again.float(), first.float(), rtol=1e-3, atol=1e-3 * first.float().abs().max().item())
-            assert_close_to_reference(again, reference(x, packed, state, bias), x, packed, state, rel=GPU_REL[dtype])
-    assert nf4_matmul._DIRECT_LAUNCH_OK is not False
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("split", [1, 3, 0])
-def test_gpu_stream_split_k(split):
-    packed, state = quantize(1000, 4096, 64, "nf4", True, device="cuda")
-    f = nf4_dequantize._state_fields(state)
-    data = nf4_dequantize._packed_bytes(packed, f["numel"])
-    x = torch.randn(2, 4096, device="cuda").to(torch.bfloat16)
-    y = nf4_matmul._stream_gemv(x, data, state, f, None, split=split, block_n=8)
-    assert_close_to_reference(y, reference(x, packed, state), x, packed, state, rel=GPU_REL[torch.bfloat16])
