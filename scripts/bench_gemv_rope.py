@@ -34,11 +34,8 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-#: stream kernel configs: (block_n, step_bytes, num_warps, split, x_pairs)
-GEMV_CONFIGS = [(4, 1024, 4, 1, True), (1, 2048, 4, 1, True), (2, 1024, 4, 1, True), (2, 2048, 4, 1, True),
-                (4, 512, 4, 1, True), (4, 1024, 8, 1, True), (4, 2048, 8, 1, True), (8, 512, 4, 1, True),
-                (8, 1024, 8, 1, True), (16, 256, 4, 1, True), (16, 512, 8, 1, True), (4, 1024, 4, 1, False),
-                (1, 2048, 4, 1, False), (8, 512, 4, 2, True), (16, 512, 8, 4, True), (2, 512, 2, 1, True)]
+#: GEMV (tile kernel) configs: (block_n, step_bytes, num_warps)
+GEMV_CONFIGS = [(4, 1024, 4), (8, 512, 4), (2, 2048, 4)]
 ROPE_CONFIGS = [{"block_s": 1, "block_h": 16, "num_warps": 4}, {"block_s": 1, "block_h": 32, "num_warps": 4},
                 {"block_s": 1, "block_h": 32, "num_warps": 8}, {"block_s": 2, "block_h": 32, "num_warps": 8},
                 {"block_s": 4, "block_h": 8, "num_warps": 4}, {"block_s": 4, "block_h": 16, "num_warps": 8},
@@ -60,20 +57,13 @@ def sweep_gemv(nf4, deadline: float) -> list[dict]:
     for m in (1, 4):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         ref = (x.double() @ w_ref.t()).float()
-        configs = [("stream", c) for c in (GEMV_CONFIGS if m == 1 else GEMV_CONFIGS[:9])]
-        configs += [("tile", c) for c in ((4, 1024, 4), (8, 512, 4), (2, 2048, 4))]
-        for kind, cfg in configs:
+        for kind, cfg in [("tile", c) for c in GEMV_CONFIGS]:
             if time.time() > deadline:
                 log("gemv sweep: out of time")
                 return rows
-            if kind == "stream":
-                bn, step, warps, split, pairs = cfg
-                params = dict(block_n=bn, step_bytes=step, num_warps=warps, split=split, x_pairs=pairs)
-                run = lambda: nm._stream_gemv(x, data, qs, f, None, **params)  # noqa: E731
-            else:
-                bn, step, warps = cfg
-                params = dict(block_n=bn, step_bytes=step, num_warps=warps)
-                run = lambda: nm._gemv(x, data, qs, f, None, **params)  # noqa: E731
+            bn, step, warps = cfg
+            params = dict(block_n=bn, step_bytes=step, num_warps=warps)
+            run = lambda: nm._gemv(x, data, qs, f, None, **params)  # noqa: E731
             label = f"M={m} {kind} " + " ".join(f"{a}={b}" for a, b in params.items())
             err = nf4._safe(log, label, lambda: nf4._rel_err(run(), ref))
             t = nf4._safe(log, label, lambda: {"ms_graph": nf4._graph_bench(run)}) if err is not None and err < 1e-2 else None
@@ -93,14 +83,8 @@ def apply_gemv(rows: list[dict]) -> dict:
     if not one:
         return {}
     best = min(one, key=lambda r: r["ms_graph"])
-    nm.GEMV_KERNEL = best["kind"]
     p = best["params"]
-    if best["kind"] == "stream":
-        nm.STREAM_BLOCK_N, nm.STREAM_STEP_BYTES, nm.STREAM_NUM_WARPS = p["block_n"], p["step_bytes"], p["num_warps"]
-        nm.STREAM_SPLIT = 0 if p["split"] == 1 else p["split"]  # auto (1 at this shape) unless a split won
-        nm.STREAM_X_PAIRS = p["x_pairs"]
-    else:
-        nm.GEMV_BLOCK_N, nm.GEMV_STEP_BYTES, nm.GEMV_NUM_WARPS = p["block_n"], p["step_bytes"], p["num_warps"]
+    nm.GEMV_BLOCK_N, nm.GEMV_STEP_BYTES, nm.GEMV_NUM_WARPS = p["block_n"], p["step_bytes"], p["num_warps"]
     return {"kernel": best["kind"], **p, "ms_graph": best["ms_graph"]}
 
 
