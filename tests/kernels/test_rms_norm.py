@@ -11,29 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernel_testing import TOL, needs_interpreter, poison_fixture, rel_err
 from qconv.errors import QconvError
 from qconv.kernels.rms_norm import rms_norm, rms_norm_reference
-from qconv.kernels.utils import is_interpreter
-
-needs_interpreter = pytest.mark.skipif(not is_interpreter(), reason="CPU kernels need TRITON_INTERPRET=1")
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
-def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    assert torch.isfinite(a).all(), "non-finite values"
-    return ((a.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
-
-
-@pytest.fixture
-def poison(monkeypatch):
-    """torch.empty/empty_like return NaN-filled floats (or -7 ints) while a test runs."""
-    real_empty, real_like = torch.empty, torch.empty_like
-
-    def fill(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-7)
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_like(*a, **k)))
+poison = poison_fixture(int_fill=-7)  # NaN floats, -7 ints
 
 
 def run_and_compare(shape, dtype, offset, device, w_dtype=None, casting=None):

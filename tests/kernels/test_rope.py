@@ -10,25 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernel_testing import TOL, needs_interpreter, poison_fixture, rel_err
 from qconv.errors import QconvError
 from qconv.kernels.rope import apply_rope, apply_rope_reference
-from qconv.kernels.utils import is_interpreter
-
-needs_interpreter = pytest.mark.skipif(not is_interpreter(), reason="CPU kernels need TRITON_INTERPRET=1")
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
-def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    assert torch.isfinite(a).all(), "non-finite values"
-    return ((a.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
-
-
-@pytest.fixture
-def poison(monkeypatch):
-    real_empty, real_like = torch.empty, torch.empty_like
-    fill = lambda t: t.fill_(float("nan")) if t.is_floating_point() else t  # noqa: E731
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_like(*a, **k)))
+poison = poison_fixture()
 
 
 def cos_sin(cos_batch, seq, rot, dtype, device, duplicated=True):
