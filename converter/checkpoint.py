@@ -5,6 +5,10 @@ with plain positioned reads into reusable buffers, not through a memory map: map
 would stay resident (and count in RSS) until the file is closed. ``.bin`` files are read with
 ``torch.load(weights_only=True, mmap=True)``, one file at a time. Index files (``*.index.json``) are
 validated and every shard path goes through :func:`qconv.format.safe_join`.
+
+A :class:`PieceSink` set as ``Checkpoint.hasher`` sees every piece of safetensors data as it is read (the
+pieces of the source tree digest, ``qconv.format.SOURCE_TREE_PIECE`` bytes from each tensor's start), so the
+source content hash costs no second read of the files.
 """
 
 from __future__ import annotations
@@ -17,12 +21,12 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping, Protocol
 
 import torch
 
 from qconv.errors import QconvError
-from qconv.format import safe_join
+from qconv.format import SOURCE_TREE_PIECE, safe_join
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +68,20 @@ class TensorInfo:
         return self.numel * self.dtype.itemsize
 
 
+class PieceSink(Protocol):
+    """Receives each piece of a safetensors file's data as it is read (from several threads at once)."""
+
+    def piece(self, file: Path, offset: int, data: memoryview) -> None: ...
+
+
+@dataclass(frozen=True)
+class FileLayout:
+    """Where a safetensors file's header ends and each of its tensors lies (absolute ``[start, end)``)."""
+
+    header_bytes: int  # 8 + the JSON header length
+    spans: tuple[tuple[int, int], ...]  # every tensor in the header, in offset order
+
+
 class Checkpoint:
     """The tensors of a checkpoint: ``infos`` (name -> TensorInfo, in efficient read order) and ``read``."""
 
@@ -75,6 +93,8 @@ class Checkpoint:
         self._memory = memory
         self._bin_cache: tuple[Path, dict[str, torch.Tensor]] | None = None
         self._lock = threading.Lock()
+        self.layouts: dict[Path, FileLayout] = {}
+        self.hasher: PieceSink | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -89,7 +109,7 @@ class Checkpoint:
             return self._memory[name]
         if self.kind == "bin":
             return self._read_bin(info)
-        return _read_safetensors(info, buffer)
+        return _read_safetensors(info, buffer, self.hasher)
 
     def _read_bin(self, info: TensorInfo) -> torch.Tensor:
         with self._lock:
@@ -148,10 +168,13 @@ def _index_files(directory: Path, index_name: str) -> dict[Path, set[str]]:
 
 def _open_safetensors(directory: Path, files: dict[Path, set[str] | None]) -> Checkpoint:
     infos: dict[str, TensorInfo] = {}
+    layouts: dict[Path, FileLayout] = {}
     for path, expected in files.items():
         header = _validated_header(path)
         data_start = 8 + header.pop("__header_len__")
         header.pop("__metadata__", None)
+        spans = sorted((data_start + v["data_offsets"][0], data_start + v["data_offsets"][1]) for v in header.values())
+        layouts[path] = FileLayout(data_start, tuple(spans))
         if expected is not None and (missing := sorted(expected - header.keys())):
             raise QconvError(f"{path}: the index lists tensors this shard lacks: {', '.join(missing[:5])}")
         wanted = header.keys() if expected is None else expected
@@ -164,7 +187,9 @@ def _open_safetensors(directory: Path, files: dict[Path, set[str] | None]) -> Ch
             if name in infos:
                 raise QconvError(f"{path}: tensor {name!r} appears in more than one shard")
             infos[name] = TensorInfo(name, dtype, tuple(spec["shape"]), path, data_start + start)
-    return Checkpoint(infos, "safetensors", list(files))
+    checkpoint = Checkpoint(infos, "safetensors", list(files))
+    checkpoint.layouts = layouts
+    return checkpoint
 
 
 def _validated_header(path: Path) -> dict:
@@ -183,7 +208,7 @@ def _validated_header(path: Path) -> dict:
     return header
 
 
-def _read_safetensors(info: TensorInfo, buffer: torch.Tensor | None) -> torch.Tensor:
+def _read_safetensors(info: TensorInfo, buffer: torch.Tensor | None, sink: PieceSink | None = None) -> torch.Tensor:
     nbytes = info.nbytes
     if buffer is None or buffer.numel() < nbytes:
         buffer = torch.empty(nbytes, dtype=torch.uint8)
@@ -194,10 +219,11 @@ def _read_safetensors(info: TensorInfo, buffer: torch.Tensor | None) -> torch.Te
             with open(info.file, "rb", buffering=0) as f:
                 chunks = [(start, min(nbytes, start + READ_CHUNK)) for start in range(0, nbytes, READ_CHUNK)]
                 if len(chunks) == 1:
-                    _pread_exact(f.fileno(), mv, info.offset, 0, nbytes, info)
+                    _pread_exact(f.fileno(), mv, info.offset, 0, nbytes, info, sink)
                 else:  # big tensors: a few threads read chunks at once (page cache -> memory is not one core's job)
                     pool = _read_pool()
-                    futures = [pool.submit(_pread_exact, f.fileno(), mv, info.offset, a, b, info) for a, b in chunks]
+                    futures = [pool.submit(_pread_exact, f.fileno(), mv, info.offset, a, b, info, sink)
+                               for a, b in chunks]
                     for fut in futures:
                         fut.result()
         except OSError as exc:
@@ -205,8 +231,8 @@ def _read_safetensors(info: TensorInfo, buffer: torch.Tensor | None) -> torch.Te
     return view.view(info.dtype).reshape(info.shape)
 
 
-READ_CHUNK = 32 << 20
-READ_THREADS = 4
+READ_CHUNK = SOURCE_TREE_PIECE  # a read chunk is a piece of the source tree digest
+READ_THREADS = 8
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
@@ -219,13 +245,17 @@ def _read_pool() -> ThreadPoolExecutor:
         return _POOL
 
 
-def _pread_exact(fd: int, mv: memoryview, base: int, start: int, end: int, info: TensorInfo) -> None:
-    """Fill ``mv[start:end]`` from ``fd`` at ``base + start`` (preadv may return short counts)."""
-    while start < end:
-        n = os.preadv(fd, [mv[start:end]], base + start)
+def _pread_exact(fd: int, mv: memoryview, base: int, start: int, end: int, info: TensorInfo,
+                 sink: PieceSink | None = None) -> None:
+    """Fill ``mv[start:end]`` from ``fd`` at ``base + start`` (preadv may return short counts); show it to ``sink``."""
+    pos = start
+    while pos < end:
+        n = os.preadv(fd, [mv[pos:end]], base + pos)
         if n <= 0:
             raise QconvError(f"{info.file}: unexpected end of file reading {info.name!r}")
-        start += n
+        pos += n
+    if sink is not None:
+        sink.piece(info.file, base + start, mv[start:end])
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:

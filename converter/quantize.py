@@ -48,7 +48,8 @@ class Quantizer:
         return tensor.to(dtype)
 
     def quantize(self, weight_name: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
-        """All tensors for one quantized weight (packed data + quant state), on the CPU, by full name."""
+        """All tensors for one quantized weight (packed data + quant state) by full name, on the quantizing
+        device (the shard writer copies device tensors into its pinned host blocks)."""
         s = self.settings
         packed, state = self._quantize_4bit(
             weight.contiguous(),
@@ -57,7 +58,4 @@ class Quantizer:
             quant_type=s.quant_type,
             quant_storage=self.storage,
         )
-        out = pack_quant_state(weight_name, packed, state)
-        if self.device.type != "cpu":
-            out = {k: v.to("cpu", non_blocking=False) for k, v in out.items()}
-        return out
+        return pack_quant_state(weight_name, packed, state)

@@ -3,10 +3,13 @@
 Tensors arrive in groups (a quantized weight and its quant-state tensors stay together in one shard).
 When the next group would push the open shard past ``max_shard_bytes`` (or the shard reached its share of
 the expected total, so that shards come out about equal) the shard is handed to a writer
-thread (``safetensors.torch.save_file``, which releases the GIL) and a new one starts; while one shard is
-being written the next one fills, so host memory holds about two shards. Each written file is hashed (sha256) on a
-small thread pool. Shards get temporary names while the total is unknown; :meth:`ShardWriter.finish`
-renames them to ``model-0000i-of-0000n.safetensors`` (or ``model.safetensors``) and writes the index.
+thread (:func:`~qconv.converter.shard_file.write_safetensors`: ``os.write`` from the tensors' memory while
+another thread computes the file's sha256 from the same memory, no read-back) and a new one starts; while
+one shard is being written the next one fills, so host memory holds about two shards. Tensors that arrive on
+a GPU are copied (asynchronously) into reused pinned host blocks of the shard that takes them, so
+device-to-host copies neither allocate nor fault in fresh memory. Shards get temporary names while the total
+is unknown; :meth:`ShardWriter.finish` renames them to ``model-0000i-of-0000n.safetensors`` (or
+``model.safetensors``) and writes the index.
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ import logging
 import queue
 import re
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from qconv.converter.shard_file import write_safetensors
 from qconv.errors import QconvError
 from qconv.format import INDEX_NAME, SAFETENSORS_METADATA, sha256_file, shard_name
 
@@ -47,6 +51,9 @@ def parse_size(size: str | int) -> int:
 
 #: Soft upper bound on shard size whatever ``--max-shard-size`` says (a hard bound only when smaller).
 PIPELINE_SHARD_BYTES = 10**9
+#: Size of the reused pinned host blocks that device tensors are copied into.
+HOST_BLOCK_BYTES = 64 << 20
+_ALIGN = 64
 
 
 @dataclass
@@ -59,11 +66,52 @@ class WrittenShards:
     shard_count: int
 
 
+class _HostBlocks:
+    """A free list of pinned ``HOST_BLOCK_BYTES`` buffers, shared by the shards (filling and being written)."""
+
+    def __init__(self) -> None:
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> torch.Tensor:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return torch.empty(HOST_BLOCK_BYTES, dtype=torch.uint8, pin_memory=True)
+
+    def give(self, blocks: list[torch.Tensor]) -> None:
+        with self._lock:
+            self._free.extend(b for b in blocks if b.numel() == HOST_BLOCK_BYTES)
+
+
 @dataclass
 class _Shard:
     number: int
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     nbytes: int = 0
+    blocks: list[torch.Tensor] = field(default_factory=list)  # pinned memory holding device tensors' copies
+    used: int = HOST_BLOCK_BYTES  # bytes used in the last block (full: the next copy takes a new block)
+    copied: "torch.cuda.Event | None" = None  # recorded after the last device-to-host copy
+
+    def host_copy(self, tensor: torch.Tensor, blocks: _HostBlocks) -> torch.Tensor:
+        """An asynchronous copy of a device tensor into this shard's pinned blocks."""
+        n = tensor.numel() * tensor.element_size()
+        if n > HOST_BLOCK_BYTES:  # rare: a dedicated pinned buffer, freed with the shard
+            self.blocks.append(torch.empty(n, dtype=torch.uint8, pin_memory=True))
+            self.used = HOST_BLOCK_BYTES
+            dst = self.blocks[-1]
+        elif n == 0:
+            return torch.empty(tensor.shape, dtype=tensor.dtype)
+        else:
+            start = -(-self.used // _ALIGN) * _ALIGN
+            if start + n > HOST_BLOCK_BYTES:
+                self.blocks.append(blocks.take())
+                start = 0
+            self.used = start + n
+            dst = self.blocks[-1][start:start + n]
+        out = dst.view(tensor.dtype).view(tensor.shape)
+        out.copy_(tensor, non_blocking=True)
+        return out
 
     @property
     def temp_name(self) -> str:
@@ -91,8 +139,9 @@ class ShardWriter:
         self._queue: queue.Queue = queue.Queue()
         self._in_flight = threading.Semaphore(1)  # one shard being written while the next one fills
         self._error: BaseException | None = None
-        self._hash_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qconv-sha256")
-        self._hashes: dict[int, Future] = {}
+        self._hash_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qconv-sha256")
+        self._hashes: dict[int, str] = {}
+        self._blocks = _HostBlocks()
         self._thread = threading.Thread(target=self._run, name="qconv-writer", daemon=True)
         self._thread.start()
 
@@ -104,11 +153,17 @@ class ShardWriter:
         if self._open.tensors and (self._open.nbytes + size > self.max_shard_bytes
                                    or self._open.nbytes >= self.target_bytes):
             self._flush()
+        on_device = False
         for name, tensor in group.items():
             if name in self._weight_map:
                 raise QconvError(f"internal error: tensor {name!r} written twice")
+            if tensor.device.type != "cpu":
+                tensor, on_device = self._open.host_copy(tensor.contiguous(), self._blocks), True
             self._open.tensors[name] = tensor if tensor.is_contiguous() else tensor.contiguous()
             self._weight_map[name] = self._open.number
+        if on_device:
+            self._open.copied = torch.cuda.Event()
+            self._open.copied.record()
         self._open.nbytes += size
         self._total += size
 
@@ -129,8 +184,8 @@ class ShardWriter:
         self._raise_if_failed()
         total = len(self._written)
         files: dict[str, str] = {}
-        for shard in self._written:  # hash first: the hash threads read the files by their temp names
-            digest = self._hashes[shard.number].result()
+        for shard in self._written:
+            digest = self._hashes[shard.number]
             final = shard_name(shard.number, total)
             (self.directory / shard.temp_name).rename(self.directory / final)
             files[final] = digest
@@ -161,18 +216,20 @@ class ShardWriter:
 
     # -- writer thread -------------------------------------------------------------------------------
     def _run(self) -> None:
-        from safetensors.torch import save_file
-
         while True:
             shard = self._queue.get()
             if shard is None or self._error is not None:
                 return
             path = self.directory / shard.temp_name
             try:
-                save_file(shard.tensors, str(path), metadata=dict(SAFETENSORS_METADATA))
+                if shard.copied is not None:
+                    shard.copied.synchronize()
+                self._hashes[shard.number] = write_safetensors(path, shard.tensors, SAFETENSORS_METADATA,
+                                                               self._hash_pool)
                 logger.debug("wrote %s (%d tensors, %.1f MB)", path.name, len(shard.tensors), shard.nbytes / 1e6)
                 shard.tensors = {}  # free the memory now
-                self._hashes[shard.number] = self._hash_pool.submit(sha256_file, path)
+                self._blocks.give(shard.blocks)
+                shard.blocks = []
             except BaseException as exc:  # reported to the producer on its next call
                 self._error = exc
                 return

@@ -9,7 +9,6 @@ models GGUF is used for here, and documented.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -21,7 +20,8 @@ from typing import Any
 
 from qconv.converter.checkpoint import Checkpoint, memory_checkpoint, open_checkpoint
 from qconv.errors import QconvError
-from qconv.format import CONFIG_NAME, sha256_file
+from qconv.converter.source_hash import TreeHasher, start_content_hash
+from qconv.format import CONFIG_NAME, SOURCE_TREE_HASH, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,9 @@ class Source:
         """The manifest's ``source`` entry (waits for the content hash of a local directory)."""
         ident: dict[str, Any] = {"kind": self.kind, "id": self.id, "revision": self.revision, "sha256": None}
         if self._hash is not None:
-            ident["sha256"], ident["files"] = self._hash.result()
+            ident["sha256"], ident["files"], tree_files = self._hash.result()
+            if tree_files:
+                ident["tree_hash"] = {"scheme": SOURCE_TREE_HASH, "files": tree_files}
         return ident
 
     def close(self) -> None:
@@ -122,45 +124,13 @@ def _dir_source(directory: Path, *, kind: str, ident: str, revision: str | None)
 
 
 def _start_content_hash(src: Source) -> tuple[ThreadPoolExecutor, Future]:
-    """Hash the directory's files in background threads (one per file) while the conversion runs.
-
-    The content hash is the sha256 of ``"<sha256>  <name>\\n"`` lines (``sha256sum`` style, sorted by
-    name) over the top-level regular files; each file's sha256 equals the Hub's LFS object id.
-    """
-    files = sorted(p for p in src.directory.iterdir() if p.is_file() and not p.name.startswith("."))
-    pool = ThreadPoolExecutor(max_workers=max(1, min(8, len(files))), thread_name_prefix="qconv-hash")
-    futures = {p.name: pool.submit(_sha256_small_buffer, p) for p in files}
-
-    def combine() -> tuple[str, dict[str, str]]:
-        digests = {name: fut.result() for name, fut in futures.items()}
-        blob = "".join(f"{digests[n]}  {n}\n" for n in sorted(digests))
-        return hashlib.sha256(blob.encode()).hexdigest(), digests
-
-    combined: Future = Future()
-
-    def finish(_: Future) -> None:
-        if all(f.done() for f in futures.values()) and not combined.done():
-            try:
-                combined.set_result(combine())
-            except BaseException as exc:  # pragma: no cover - I/O error while hashing
-                combined.set_exception(exc)
-
-    for fut in futures.values():
-        fut.add_done_callback(finish)
-    if not futures:
-        combined.set_result(combine())
-    return pool, combined
-
-
-def _sha256_small_buffer(path: Path, chunk: int = 4 << 20) -> str:
-    """sha256 of a file through one reused 4 MiB buffer (hashing runs beside the conversion: keep RSS flat)."""
-    h = hashlib.sha256()
-    buffer = bytearray(chunk)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buffer):
-            h.update(view[:n])
-    return h.hexdigest()
+    """Hash the directory while the conversion runs: safetensors weights from the bytes it reads (a tree
+    digest, see :mod:`qconv.converter.source_hash`), every other top-level file on a background thread."""
+    ckpt = src.checkpoint
+    tree_files = [p for p in ckpt.files if p.parent == src.directory] if ckpt.kind == "safetensors" else []
+    tree = TreeHasher({p: ckpt.layouts[p] for p in tree_files}) if tree_files else None
+    ckpt.hasher = tree
+    return start_content_hash(src.directory, tree, tree_files)
 
 
 def _gguf_source(path: Path) -> Source:
@@ -198,9 +168,9 @@ def _gguf_source(path: Path) -> Source:
     return src
 
 
-def _hash_one(path: Path) -> tuple[str, dict[str, str]]:
+def _hash_one(path: Path) -> tuple[str, dict[str, str], list[str]]:
     digest = sha256_file(path)
-    return digest, {path.name: digest}
+    return digest, {path.name: digest}, []
 
 
 def _one_line(exc: BaseException) -> str:

@@ -14,7 +14,8 @@ from click.testing import CliRunner
 from qconv.converter.cli import main
 from qconv.converter.conversion import convert
 from qconv.errors import QconvError
-from qconv.format import MANIFEST_NAME, QuantSettings, quantization_config, read_manifest, sha256_file
+from qconv.format import (MANIFEST_NAME, SOURCE_TREE_HASH, QuantSettings, quantization_config, read_manifest,
+                          safetensors_tree_sha256, sha256_file)
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +58,11 @@ def test_manifest(converted, src):
     # local source: id + content hash over its files (sha256sum style)
     source = manifest.source
     assert source["kind"] == "dir" and source["id"] == str(src.resolve()) and source["revision"] is None
-    files = {p.name: sha256_file(p) for p in src.iterdir() if p.is_file()}
-    assert source["files"] == files
+    weights = {p.name for p in src.glob("*.safetensors")}
+    files = {p.name: safetensors_tree_sha256(p) if p.name in weights else sha256_file(p)
+             for p in src.iterdir() if p.is_file()}
+    assert weights and source["files"] == files
+    assert source["tree_hash"] == {"scheme": SOURCE_TREE_HASH, "files": sorted(weights)}
     blob = "".join(f"{files[n]}  {n}\n" for n in sorted(files))
     assert source["sha256"] == hashlib.sha256(blob.encode()).hexdigest()
     stats = manifest.stats
@@ -151,12 +155,12 @@ def test_overwrite_replaces(converted, src, tmp_path):
 
 
 def test_writer_failure_is_reported(src, tmp_path, monkeypatch):
-    import safetensors.torch
+    from qconv.converter import shard_file
 
-    def disk_full(*args, **kwargs):
+    def disk_full(fd, data):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    monkeypatch.setattr(shard_file, "_write", disk_full)
     with pytest.raises(QconvError, match="No space left"):
         convert(src, tmp_path / "out", device="cpu", progress=False)
     assert not (tmp_path / "out").exists() and not _leftovers(tmp_path)
