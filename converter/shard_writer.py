@@ -79,6 +79,10 @@ class _HostBlocks:
                 return self._free.pop()
         return torch.empty(HOST_BLOCK_BYTES, dtype=torch.uint8, pin_memory=True)
 
+    def dedicated(self, nbytes: int) -> torch.Tensor:
+        """Pinned memory for one tensor larger than a block (not kept for reuse)."""
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
     def give(self, blocks: list[torch.Tensor]) -> None:
         with self._lock:
             self._free.extend(b for b in blocks if b.numel() == HOST_BLOCK_BYTES)
@@ -97,7 +101,7 @@ class _Shard:
         """An asynchronous copy of a device tensor into this shard's pinned blocks."""
         n = tensor.numel() * tensor.element_size()
         if n > HOST_BLOCK_BYTES:  # rare: a dedicated pinned buffer, freed with the shard
-            self.blocks.append(torch.empty(n, dtype=torch.uint8, pin_memory=True))
+            self.blocks.append(blocks.dedicated(n))
             self.used = HOST_BLOCK_BYTES
             dst = self.blocks[-1]
         elif n == 0:

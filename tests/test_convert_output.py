@@ -237,3 +237,25 @@ def test_package_exports_the_function_lazily():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_host_blocks_hold_device_tensor_copies(monkeypatch):
+    """The GPU path's copies land in aligned slices of reused 64 MiB blocks (allocators unpinned here: no CUDA)."""
+    from qconv.converter import shard_writer as sw
+
+    monkeypatch.setattr(sw._HostBlocks, "take", lambda self: self._free.pop() if self._free
+                        else torch.empty(sw.HOST_BLOCK_BYTES, dtype=torch.uint8))
+    monkeypatch.setattr(sw._HostBlocks, "dedicated", lambda self, n: torch.empty(n, dtype=torch.uint8))
+    blocks, shard = sw._HostBlocks(), sw._Shard(1)
+    tensors = [torch.randint(0, 255, (1001, 1), dtype=torch.uint8), torch.randn(16), torch.randn(3, 5).bfloat16(),
+               torch.zeros(0), torch.randn(sw.HOST_BLOCK_BYTES // 4 + 1), torch.randn(5),
+               torch.randn(sw.HOST_BLOCK_BYTES // 8), torch.randn(sw.HOST_BLOCK_BYTES // 8)]
+    copies = [shard.host_copy(t, blocks) for t in tensors]
+    for t, c in zip(tensors, copies):
+        assert c.dtype == t.dtype and c.shape == t.shape and torch.equal(c, t)
+        assert c.numel() == 0 or c.data_ptr() % 64 == 0
+    assert [b.numel() for b in shard.blocks] == [sw.HOST_BLOCK_BYTES, sw.HOST_BLOCK_BYTES + 4,
+                                                 sw.HOST_BLOCK_BYTES, sw.HOST_BLOCK_BYTES]
+    blocks.give(shard.blocks)
+    assert len(blocks._free) == 3  # the dedicated buffer is not kept
+    assert blocks.take() is shard.blocks[-1]
