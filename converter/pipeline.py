@@ -55,6 +55,9 @@ def write_tensors(
     reads = prefetch(checkpoint, [t.source_name for t in todo], depth=prefetch_depth,
                      pin_memory=device.type == "cuda", own_memory=kept_names.__contains__)
     fresh_reads = checkpoint.kind in ("safetensors", "memory")  # kept tensors there are not in reused memory
+    # On a GPU nothing waits for the quantized results (the shard writer copies them back asynchronously), so a
+    # read buffer goes back to the reader only once its upload is done: one tensor later, after an event.
+    pending: tuple[Any, Callable[[], None]] | None = None
     try:
         for name, tensor, release in reads:
             step = by_name[name]
@@ -62,18 +65,35 @@ def write_tensors(
             if transform is not None:
                 tensor = transform(tensor)
             params += tensor.numel()
+            uploaded = None
             if step.action == QUANTIZE:
-                group = quantizer.quantize(step.out_name, quantizer.to_device(tensor, step.dtype))
+                weight = quantizer.to_device(tensor, step.dtype)
+                if device.type == "cuda":
+                    uploaded = torch.cuda.Event()
+                    uploaded.record()
+                group = quantizer.quantize(step.out_name, weight)
+                del weight
                 quantized += 1
             else:  # .bin tensors are views of a memory-mapped file: copy those
                 group = {step.out_name: tensor.to(step.dtype, copy=not fresh_reads)}
                 kept += 1
             del tensor
-            release()
+            if pending is not None:
+                pending[0].synchronize()
+                pending[1]()
+                pending = None
+            if uploaded is None:
+                release()
+            else:
+                pending = (uploaded, release)
             writer.add(group)
             del group
             bar.update(checkpoint.infos[name].nbytes)
             bar.set_postfix_str(f"{quantized + kept}/{len(todo)} tensors", refresh=False)
+        if pending is not None:
+            pending[0].synchronize()
+            pending[1]()
+            pending = None
         written = writer.finish(total_parameters=params)
     except BaseException:
         writer.abort()
