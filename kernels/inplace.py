@@ -157,7 +157,10 @@ def calibrate() -> frozenset:
         good: set = set()
         bad: set = set()
         try:
-            with torch.enable_grad():
+            # Identity saved-tensor hooks shadow any outer ones: under non-reentrant activation checkpointing
+            # the outer hooks would recompute the checkpointed forward from inside this probe's backward,
+            # which re-enters calibrate() and deadlocks on the lock.
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
                 for exclusive, run in _probe_cases():
                     _Calibration.recording = []
                     run()

@@ -165,3 +165,41 @@ def test_real_kernels_match_stock(quantized_checkpoint_factory, arch):
         assert g is not None and g.abs().sum() > 0, name
         rel = ((g - sg).norm() / sg.norm()).item()  # relative L2 error of the whole gradient
         assert rel < 1e-4, (name, rel)
+
+
+def test_lora_step_with_checkpointing_and_first_calibration(quantized_checkpoint_factory, monkeypatch):
+    """A patched model's first forward under non-reentrant activation checkpointing calibrates the gradient-reuse
+    probe inside a checkpointed region; that once deadlocked (the probe's backward recomputed the layer, which
+    re-entered the probe). Runs in a thread so a hang fails the test instead of stalling the suite."""
+    import threading
+
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from qconv.kernels import inplace
+
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.fail("run the CPU suite through scripts/test.sh (TRITON_INTERPRET=1)")
+    monkeypatch.setattr(inplace._Calibration, "exclusive", None)  # as in a fresh process
+    model, _ = runtime.from_pretrained(quantized_checkpoint_factory("qwen2"), device_map="cpu", patch=True)
+    model = prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    peft_model.train()
+    ids = torch.randint(0, 384, (2, 21), generator=torch.Generator().manual_seed(0))
+    result: dict = {}
+
+    def step():
+        try:
+            out = peft_model(input_ids=ids, labels=ids)
+            out.loss.backward()
+            result["loss"] = out.loss.detach()
+        except BaseException as exc:  # reported below
+            result["error"] = exc
+
+    worker = threading.Thread(target=step, daemon=True)
+    worker.start()
+    worker.join(timeout=180)
+    assert not worker.is_alive(), "forward/backward hung (calibration deadlock)"
+    assert "error" not in result, result.get("error")
+    assert torch.isfinite(result["loss"])
+    grads = [p.grad for n, p in peft_model.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
