@@ -73,10 +73,14 @@ def command(source: str, out: Path | None, quant_type: str, double_quant: bool, 
         quant_storage=quant_storage,
         skip_modules=tuple(m.strip() for m in skip_modules.split(",") if m.strip()),
     )
+    if push:  # decide the target first: a missing token fails before a long conversion, and the card names it
+        from qconv.converter.push import target_repo_id
+
+        repo_id = target_repo_id(source, repo_id=repo_id, namespace=namespace, token=token)
     result = convert(
         source, out or default_out(source), settings, revision=revision, token=token, device=device,
         max_shard_size=max_shard_size, overwrite=overwrite, fix_tokenizer=fix_tokenizer,
-        fix_untrained_tokens=fix_untrained_tokens, progress=progress,
+        fix_untrained_tokens=fix_untrained_tokens, progress=progress, repo_id=repo_id,
     )
     click.echo(f"{result.out_dir}: {result.summary}")
     if push:

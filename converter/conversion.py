@@ -61,8 +61,12 @@ def convert(
     fix_tokenizer: bool = True,
     fix_untrained_tokens: bool = False,
     progress: bool = True,
+    repo_id: str | None = None,
 ) -> ConvertResult:
-    """Convert ``source`` (local dir, Hub repo id, or ``.gguf``) into ``out``; see the module docstring."""
+    """Convert ``source`` (local dir, Hub repo id, or ``.gguf``) into ``out``; see the module docstring.
+
+    ``repo_id``: the Hub repo the output is meant for (the model card's usage snippets name it).
+    """
     from qconv.converter.quantize import resolve_device
     from qconv.converter.shard_writer import parse_size
     from qconv.converter.source import resolve_source
@@ -99,7 +103,7 @@ def convert(
             stats["seconds"] = round(time.perf_counter() - started, 3)
             manifest = Manifest(source=src.identity(), settings=settings.to_dict(), files=dict(sorted(files.items())),
                                 tokenizer_fixes=[f.to_dict() for f in tok_plan.fixes], stats=stats)
-            _write_card(tmp, manifest, config, src.card_text)
+            _write_card(tmp, manifest, config, src.card_text, repo_id)
             write_manifest(tmp, manifest)
             _install(tmp, out, overwrite)
         except BaseException:
@@ -197,9 +201,10 @@ def _write_generation_config(source_dir: Path, hf_config, updates: dict[str, Any
     _write_json(tmp / GENERATION_CONFIG_NAME, data)
 
 
-def _write_card(tmp: Path, manifest: Manifest, config: dict[str, Any], source_card: str | None) -> None:
+def _write_card(tmp: Path, manifest: Manifest, config: dict[str, Any], source_card: str | None,
+                repo_id: str | None) -> None:
     from qconv.converter.card import write_card
 
-    path = write_card(tmp, manifest, config, source_card)
+    path = write_card(tmp, manifest, config, source_card, repo_id=repo_id)
     manifest.files[Path(path).name] = sha256_file(path)
     manifest.files = dict(sorted(manifest.files.items()))

@@ -103,12 +103,36 @@ def hub_endpoint() -> str:
 
 def default_repo_name(manifest: Manifest) -> str:
     """``<last path component of the source id>-bnb-4bit`` with characters the Hub refuses replaced."""
-    source = str(manifest.source.get("id") or "model").rstrip("/\\")
-    name = re.split(r"[/\\]", source)[-1]
+    return repo_name_for_source(str(manifest.source.get("id") or "model"))
+
+
+def repo_name_for_source(source: str) -> str:
+    """The default repo name for a source id, path or ``.gguf`` file: its last component + ``-bnb-4bit``."""
+    name = re.split(r"[/\\]", source.rstrip("/\\"))[-1]
     name = re.sub(r"\.gguf$", "", name, flags=re.I)
     name = re.sub(r"[^A-Za-z0-9_.\-]+", "-", name)
     name = re.sub(r"[-.]{2,}", "-", name).strip("-.") or "model"
     return name[: 96 - len(REPO_SUFFIX)] + REPO_SUFFIX
+
+
+def target_repo_id(source: str, *, repo_id: str | None, namespace: str | None, token: str | None) -> str:
+    """The repo a ``convert --push`` will upload to, decided before converting (so a missing token fails fast
+    and the model card can name the repo): ``repo_id``, else ``<namespace or the token's user>/<name>-bnb-4bit``."""
+    if repo_id:
+        return repo_id
+    if not namespace:
+        from huggingface_hub import HfApi
+
+        token = resolve_token(token)
+        if token is None:
+            raise QconvError("push: no token to find your user name; pass --token (or set HF_TOKEN), "
+                             "--repo-id or --namespace")
+        try:
+            namespace = HfApi(endpoint=hub_endpoint(), token=token).whoami(token=token)["name"]
+        except Exception as exc:  # noqa: BLE001 - mapped to a message for people
+            mapped = _map_error(exc, "whoami")
+            raise (mapped or exc) from None
+    return f"{namespace}/{repo_name_for_source(str(source))}"
 
 
 def describe_source(manifest: Manifest) -> tuple[str, str]:

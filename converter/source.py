@@ -147,6 +147,8 @@ def _gguf_source(path: Path) -> Source:
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     config.pop("_name_or_path", None)
+    if not config.get("architectures"):  # GGUF configs lack it; the Hub and pipelines read it
+        config["architectures"] = [type(model).__name__]
     state = {k: v.detach() for k, v in model.state_dict().items()}
     del model
     workdir = Path(tempfile.mkdtemp(prefix="qconv-gguf-"))

@@ -26,6 +26,7 @@ def test_gguf_converts_and_still_answers(smollm2_gguf, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "bitsandbytes"
     assert config["model_type"] == "llama" and config["tie_word_embeddings"] is True
+    assert config["architectures"] == ["LlamaForCausalLM"]
 
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu").eval()

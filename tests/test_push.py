@@ -303,6 +303,7 @@ def test_cli_convert_push_then_snapshot_download_is_byte_identical(hub_server, t
     assert result.exit_code == 0, result.output
     assert "pushed to alice/tiny-bnb-4bit" in result.output and WRITE_TOKEN not in result.output
     assert_same_files(out, snapshot("alice/tiny-bnb-4bit"))
+    assert 'from_pretrained("alice/tiny-bnb-4bit")' in (out / "README.md").read_text()  # the card names the repo
     message = hub_server.repos["alice/tiny-bnb-4bit"].head["message"]
     assert "Convert src-llama" in message and "sha256:" in message and __version__ in message
     assert str(tmp_path) not in message and "/" not in message.split(" to ")[0]
@@ -325,3 +326,33 @@ def test_cli_push_dry_run_uploads_nothing(hub_server, tiny_checkpoint_factory, t
     assert "would push to qconv-org/src-llama" in result.output
     assert "model.safetensors" in caplog.text and "new repo" in caplog.text
     assert not hub_server.repos and hub_server.count("commit") == 0
+
+
+def test_cli_push_without_token_fails_before_converting(hub_server, tiny_checkpoint_factory, tmp_path, monkeypatch):
+    """No --repo-id/--namespace and no token: the default repo id needs the user name, so the command stops before
+    spending time on a conversion, and writes nothing."""
+    from click.testing import CliRunner
+
+    from qconv.converter.cli import main
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr("qconv.converter.push.resolve_token", lambda token=None: token)
+    out = tmp_path / "never"
+    result = CliRunner().invoke(main, ["convert", str(tiny_checkpoint_factory("llama")), "--out", str(out),
+                                       "--no-progress", "--push"])
+    assert result.exit_code == 1 and "no token" in result.output
+    assert not [p.name for p in tmp_path.iterdir() if "never" in p.name]  # no output, no temporary directory
+
+
+def test_cli_push_default_repo_id_from_token_user(hub_server, tiny_checkpoint_factory, tmp_path):
+    from click.testing import CliRunner
+
+    from qconv.converter.cli import main
+
+    out = tmp_path / "o"
+    result = CliRunner().invoke(main, ["convert", str(tiny_checkpoint_factory("llama")), "--out", str(out),
+                                       "--no-progress", "--push", "--token", WRITE_TOKEN], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    src_name = tiny_checkpoint_factory("llama").name  # e.g. src-llama0
+    assert f"pushed to alice/{src_name}-bnb-4bit" in result.output
+    assert f'from_pretrained("alice/{src_name}-bnb-4bit")' in (out / "README.md").read_text()
