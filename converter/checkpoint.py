@@ -27,6 +27,7 @@ import torch
 
 from qconv.errors import QconvError
 from qconv.format import SOURCE_TREE_PIECE, safe_join
+from qconv.safetensors_header import read_header
 
 logger = logging.getLogger(__name__)
 
@@ -34,16 +35,6 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
-
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"),
-                     ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _attr):
-        _ST_DTYPES[_name] = getattr(torch, _attr)
 
 
 @dataclass(frozen=True)
@@ -170,42 +161,26 @@ def _open_safetensors(directory: Path, files: dict[Path, set[str] | None]) -> Ch
     infos: dict[str, TensorInfo] = {}
     layouts: dict[Path, FileLayout] = {}
     for path, expected in files.items():
-        header = _validated_header(path)
-        data_start = 8 + header.pop("__header_len__")
-        header.pop("__metadata__", None)
-        spans = sorted((data_start + v["data_offsets"][0], data_start + v["data_offsets"][1]) for v in header.values())
-        layouts[path] = FileLayout(data_start, tuple(spans))
-        if expected is not None and (missing := sorted(expected - header.keys())):
+        try:
+            header = read_header(path)
+        except QconvError as exc:
+            raise QconvError(f"{path}: corrupt or truncated safetensors file ({exc})") from exc
+        entries = header.tensors
+        layouts[path] = FileLayout(header.data_start, tuple(sorted((e.start, e.end) for e in entries.values())))
+        if expected is not None and (missing := sorted(expected - entries.keys())):
             raise QconvError(f"{path}: the index lists tensors this shard lacks: {', '.join(missing[:5])}")
-        wanted = header.keys() if expected is None else expected
-        entries = sorted(((header[k]["data_offsets"][0], k) for k in wanted))
-        for start, name in entries:
-            spec = header[name]
-            dtype = _ST_DTYPES.get(spec["dtype"])
-            if dtype is None:
-                raise QconvError(f"{path}: tensor {name!r} has unsupported dtype {spec['dtype']}")
-            if name in infos:
-                raise QconvError(f"{path}: tensor {name!r} appears in more than one shard")
-            infos[name] = TensorInfo(name, dtype, tuple(spec["shape"]), path, data_start + start)
+        wanted = entries.keys() if expected is None else expected
+        for entry in sorted((entries[k] for k in wanted), key=lambda e: e.start):
+            if entry.name in infos:
+                raise QconvError(f"{path}: tensor {entry.name!r} appears in more than one shard")
+            try:
+                dtype = entry.torch_dtype()
+            except QconvError as exc:
+                raise QconvError(f"{path}: tensor {entry.name!r}: {exc}") from exc
+            infos[entry.name] = TensorInfo(entry.name, dtype, entry.shape, path, entry.start)
     checkpoint = Checkpoint(infos, "safetensors", list(files))
     checkpoint.layouts = layouts
     return checkpoint
-
-
-def _validated_header(path: Path) -> dict:
-    """The parsed JSON header of a safetensors file, after safetensors itself validated the file."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt"):
-            pass
-    except Exception as exc:  # SafetensorError for bad headers, truncated data, wrong sizes
-        raise QconvError(f"{path}: corrupt or truncated safetensors file ({_one_line(exc)})") from exc
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    header["__header_len__"] = n
-    return header
 
 
 def _read_safetensors(info: TensorInfo, buffer: torch.Tensor | None, sink: PieceSink | None = None) -> torch.Tensor:
