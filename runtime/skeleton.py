@@ -92,6 +92,18 @@ def apply_max_seq_length(config: "PretrainedConfig", max_seq_length: int) -> str
     return f"linear RoPE scaling x{ratio:.4g}"
 
 
+def _no_init_weights():
+    """transformers' context that turns weight initialisation into no-ops (nothing to initialise on meta)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # pragma: no cover - older transformers
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:
+            from contextlib import nullcontext as no_init_weights
+    return no_init_weights()
+
+
 def build_skeleton(cls: type, config: "PretrainedConfig", dtype: "torch.dtype") -> "PreTrainedModel":
     """Instantiate ``cls(config)`` on the meta device in ``dtype``, untied, with no weight initialisation."""
     import torch
@@ -106,7 +118,7 @@ def build_skeleton(cls: type, config: "PretrainedConfig", dtype: "torch.dtype") 
         from contextlib import ExitStack
 
         with ExitStack() as stack:
-            for ctx in contexts:
+            for ctx in [*contexts, _no_init_weights()]:
                 stack.enter_context(ctx)
             model = cls(config)
     finally:
@@ -117,21 +129,25 @@ def build_skeleton(cls: type, config: "PretrainedConfig", dtype: "torch.dtype") 
 def replace_quantized_linears(
     model: "torch.nn.Module", weight_names: Mapping[str, str], settings: "QuantSettings", compute_dtype: "torch.dtype"
 ) -> list[str]:
-    """Swap each ``nn.Linear`` whose ``<name>.weight`` the checkpoint stores quantized for a meta ``Linear4bit``."""
+    """Swap each ``nn.Linear`` whose ``<name>.weight`` the checkpoint stores quantized for a meta ``Linear4bit``.
+
+    One walk over the modules finds the parents; the new modules are built on meta with initialisation off.
+    """
     import bitsandbytes as bnb
     import torch
 
     storage = getattr(torch, settings.quant_storage)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    meta = torch.device("meta")
     replaced = []
-    for weight_name, quant_type in weight_names.items():
-        module_name = weight_name.removesuffix(".weight")
-        try:
-            module = model.get_submodule(module_name)
-        except AttributeError:
-            raise LayoutMismatch(f"quantized weight {weight_name} has no module in the model") from None
-        if type(module) is not torch.nn.Linear:
-            raise LayoutMismatch(f"{module_name} is a {type(module).__name__}, not an nn.Linear")
-        with torch.device("meta"):
+    with _no_init_weights():
+        for weight_name, quant_type in weight_names.items():
+            module_name = weight_name.removesuffix(".weight")
+            module = modules.get(module_name)
+            if module is None:
+                raise LayoutMismatch(f"quantized weight {weight_name} has no module in the model")
+            if type(module) is not torch.nn.Linear:
+                raise LayoutMismatch(f"{module_name} is a {type(module).__name__}, not an nn.Linear")
             new = bnb.nn.Linear4bit(
                 module.in_features,
                 module.out_features,
@@ -140,13 +156,15 @@ def replace_quantized_linears(
                 compress_statistics=settings.double_quant,
                 quant_type=quant_type,
                 quant_storage=storage,
+                device=meta,
             )
-        if module.bias is not None:
-            new.bias = module.bias  # keeps the skeleton's dtype
-        new.source_cls = type(module)
-        new.requires_grad_(False)
-        model.set_submodule(module_name, new)
-        replaced.append(module_name)
+            if module.bias is not None:
+                new.bias = module.bias  # keeps the skeleton's dtype
+            new.source_cls = type(module)
+            new.requires_grad_(False)
+            parent_name, _, child = module_name.rpartition(".")
+            setattr(modules[parent_name], child, new)
+            replaced.append(module_name)
     return replaced
 
 
