@@ -30,11 +30,11 @@ class FillReport:
     unexpected: set[str] = field(default_factory=set)
 
 
-def _set_tensor(model: "torch.nn.Module", name: str, value: "torch.Tensor", *, is_param: bool) -> "torch.Tensor":
+def _set_tensor(modules: Mapping[str, "torch.nn.Module"], name: str, value: "torch.Tensor", *, is_param: bool) -> "torch.Tensor":
     import torch
 
     module_name, _, attr = name.rpartition(".")
-    module = model.get_submodule(module_name) if module_name else model
+    module = modules[module_name]
     if is_param:
         if not isinstance(value, torch.nn.Parameter):
             value = torch.nn.Parameter(value, requires_grad=value.is_floating_point())
@@ -56,6 +56,7 @@ def fill_model(
     from bitsandbytes.nn import Params4bit
 
     report = FillReport()
+    modules = dict(model.named_modules(remove_duplicate=False))  # "" is the model itself
     params = dict(model.named_parameters(remove_duplicate=False))
     buffers = dict(model.named_buffers(remove_duplicate=False))
     expected = set(model.state_dict(keep_vars=True).keys())
@@ -64,7 +65,7 @@ def fill_model(
 
     for name in sorted(expected):
         if name in quantized:
-            module = model.get_submodule(name.removesuffix(".weight"))
+            module = modules[name.removesuffix(".weight")]
             stats = {
                 suffix: tensors[f"{name}.{suffix}"]
                 for suffix in fmt.state_suffixes(quantized[name], double_quant=True)
@@ -88,7 +89,7 @@ def fill_model(
         if value.is_floating_point():
             target = next((d for pattern, d in dtype_rules if pattern.search(name)), ref.dtype)
             value = value.to(target)
-        _set_tensor(model, name, value, is_param=name in params)._is_hf_initialized = True
+        _set_tensor(modules, name, value, is_param=name in params)._is_hf_initialized = True
         used.add(name)
         report.loaded += 1
 
@@ -96,10 +97,10 @@ def fill_model(
     # tied targets stay on meta: they are tied below; everything else missing is materialised and initialised
     for name in sorted(report.missing - tied_targets):
         ref = params.get(name, buffers.get(name))
-        _set_tensor(model, name, torch.empty_like(ref, device=device_of(name)), is_param=name in params)
+        _set_tensor(modules, name, torch.empty_like(ref, device=device_of(name)), is_param=name in params)
     for name, buf in model.named_buffers():
         if buf.device.type == "meta":
-            _set_tensor(model, name, torch.empty_like(buf, device=device_of(name)), is_param=False)
+            _set_tensor(modules, name, torch.empty_like(buf, device=device_of(name)), is_param=False)
     for name in tied_targets:
         try:
             model.get_parameter(name)._is_hf_initialized = True
