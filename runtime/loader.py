@@ -54,6 +54,7 @@ class _Staging:
             (dev if device.type == "cuda" else host).setdefault(path, []).append((entry, dest))
         self.bytes = sum(totals.values())
         self._errors: list[BaseException] = []
+        self._host_done_at = 0.0
         self._host_thread = threading.Thread(target=self._read_host, args=(host,), name="qconv-read-host", daemon=True)
         self._host_thread.start()
         threads = int(os.environ.get("QCONV_LOAD_THREADS", "8"))
@@ -66,6 +67,8 @@ class _Staging:
                 read_direct(path, items)
         except BaseException as exc:  # re-raised by wait()
             self._errors.append(exc)
+        finally:
+            self._host_done_at = time.perf_counter()
 
     def wait(self) -> dict[str, "torch.Tensor"]:
         """Block until everything is read; the tensors, typed and shaped, by name."""
@@ -74,6 +77,7 @@ class _Staging:
             self._uploader.wait()
         if self._errors:
             raise self._errors[0]
+        self.finished_at = max(self._host_done_at, self._uploader.finished_at if self._uploader else 0.0)
         return {name: as_typed(self.entries[name], raw) for name, raw in self.raw.items()}
 
     def cancel(self) -> None:
@@ -225,6 +229,7 @@ def from_pretrained(
         mark("skeleton")
         tensors = staging.wait()
         mark("read_done")
+        marks["bytes_landed"] = round(staging.finished_at - start, 3)  # when the readers really finished
         from qconv.runtime.materialize import fill_model
 
         report = fill_model(model, tensors, quantized, plan.device_of, skeleton.dtype_plan(model, dtype))

@@ -17,6 +17,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
@@ -134,6 +135,7 @@ class RingUploader:
         self._errors: list[BaseException] = []
         self._cancel = threading.Event()
         self.bytes = sum(c.end - c.begin for c in self._chunks)
+        self.finished_at = 0.0  # perf_counter when the last worker's copies were done
         self._threads = [
             threading.Thread(target=self._work, name=f"qconv-read-{i}", daemon=True)
             for i in range(max(1, min(threads, len(self._chunks))))
@@ -165,6 +167,7 @@ class RingUploader:
         finally:
             for stream in streams.values():
                 stream.synchronize()
+            self.finished_at = max(self.finished_at, time.perf_counter())
 
     @staticmethod
     def _copy_out(chunk: _Chunk, buf: "torch.Tensor", streams: dict) -> list:
