@@ -1,9 +1,10 @@
 """``from_pretrained``: load a bitsandbytes 4-bit checkpoint straight onto its device, ready for LoRA.
 
-Order of work: resolve files and parse shard headers (stdlib only) -> import torch, plan devices, start
-reading every tensor into its final device memory in the background -> meanwhile import transformers and
-bitsandbytes, build the skeleton on the meta device and swap in ``Linear4bit`` -> fill parameters from
-the read tensors, initialise buffers, tie -> tokenizer and its fixes -> kernel patches.
+Order of work: resolve files and parse shard headers (stdlib only) -> import torch, plan devices; in a
+background thread create the CUDA context and device buffers, then read every tensor into its final device
+memory -> meanwhile import transformers and bitsandbytes, build the skeleton on the meta device and swap in
+``Linear4bit`` (mostly while the CUDA context is being created, before the readers compete for the GIL) ->
+fill parameters from the read tensors, initialise buffers, tie -> tokenizer and its fixes -> kernel patches.
 """
 
 from __future__ import annotations
@@ -85,6 +86,37 @@ class _Staging:
         if self._uploader is not None:
             self._uploader.cancel()
         self.raw.clear()
+
+
+class _StagingStarter:
+    """Create :class:`_Staging` (CUDA context, device buffers, reader threads) in a thread of its own.
+
+    Creating the CUDA context takes ~0.2 s, mostly outside the GIL, so the skeleton is built meanwhile
+    and is mostly done before the reader threads start competing with it for the GIL.
+    """
+
+    def __init__(self, headers: list[ShardHeader], device_of, on_started) -> None:
+        self._result: list = []
+        self._thread = threading.Thread(target=self._run, args=(headers, device_of, on_started), name="qconv-start-read", daemon=True)
+        self._thread.start()
+
+    def _run(self, headers, device_of, on_started) -> None:
+        try:
+            self._result.append(_Staging(headers, device_of))
+            on_started()
+        except BaseException as exc:  # re-raised by get()
+            self._result.append(exc)
+
+    def get(self) -> _Staging:
+        self._thread.join()
+        if isinstance(self._result[0], BaseException):
+            raise self._result[0]
+        return self._result[0]
+
+    def cancel(self) -> None:
+        self._thread.join()
+        if isinstance(self._result[0], _Staging):
+            self._result[0].cancel()
 
 
 def _parse_headers(shards: list[Path]) -> tuple[list[ShardHeader], dict[str, TensorEntry]]:
@@ -200,8 +232,7 @@ def from_pretrained(
     dtype = resolve_dtype(dtype, main)
     compute_dtype = _compute_dtype(settings, main)
     mark("torch")
-    staging = _Staging(headers, plan.device_of)
-    mark("reading_started")
+    starter = _StagingStarter(headers, plan.device_of, lambda: mark("reading_started"))
     config = None
     try:
         from qconv.runtime import skeleton
@@ -218,22 +249,23 @@ def from_pretrained(
         if stored - expected and expected - stored - tied:
             raise skeleton.LayoutMismatch(f"checkpoint names differ from the model's (e.g. {sorted(stored - expected)[0]})")
     except skeleton.LayoutMismatch as exc:
-        staging.cancel()
+        starter.cancel()
         model = _fallback(ckpt.directory, config, dtype, plan, trust_remote_code, str(exc))
         fallback = True
     except BaseException:
-        staging.cancel()
+        starter.cancel()
         raise
     else:
         fallback = False
         mark("skeleton")
+        staging = starter.get()
         tensors = staging.wait()
         mark("read_done")
         marks["bytes_landed"] = round(staging.finished_at - start, 3)  # when the readers really finished
         from qconv.runtime.materialize import fill_model
 
         report = fill_model(model, tensors, quantized, plan.device_of, skeleton.dtype_plan(model, dtype))
-        del tensors, staging
+        del tensors, staging, starter
         if report.unexpected:
             logger.warning("%d checkpoint tensors unused by %s (e.g. %s)", len(report.unexpected), cls.__name__, sorted(report.unexpected)[0])
         if report.missing:
