@@ -26,7 +26,7 @@ import triton.language as tl
 
 from qconv.errors import QconvError
 from qconv.kernels.inplace import bump_version, is_graph_intermediate
-from qconv.kernels.utils import check_device, next_power_of_2
+from qconv.kernels.utils import _tanh, check_device, next_power_of_2
 
 #: Launch parameters (benchmarks may override them). grad_in_forward uses few large programs (gif_*) so
 #: that a row read by the first pass is still in L2 for the second.
@@ -44,13 +44,6 @@ def cross_entropy_reference(logits: torch.Tensor, labels: torch.Tensor, ignore_i
     loss = F.cross_entropy(x.reshape(-1, x.shape[-1]), labels.reshape(-1), ignore_index=ignore_index,
                            reduction=reduction)
     return loss.view(labels.shape) if reduction == "none" else loss
-
-
-@triton.jit
-def _tanh(x):
-    z = tl.exp(-2.0 * tl.abs(x))
-    t = (1.0 - z) / (1.0 + z)
-    return tl.where(x >= 0, t, -t)
 
 
 @triton.jit

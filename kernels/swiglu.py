@@ -17,7 +17,7 @@ import triton.language as tl
 
 from qconv.errors import QconvError
 from qconv.kernels.inplace import bump_version, ensure_calibrated, grad_is_exclusive, is_graph_intermediate
-from qconv.kernels.utils import check_device, next_power_of_2
+from qconv.kernels.utils import _tanh, check_device, next_power_of_2
 
 SILU, GELU_TANH, GELU_ERF = 0, 1, 2
 _GELU = {"tanh": GELU_TANH, "none": GELU_ERF}
@@ -41,13 +41,6 @@ def _sigmoid(x):
     z = tl.exp(-tl.abs(x))  # never overflows
     r = 1.0 / (1.0 + z)
     return tl.where(x >= 0, r, z * r)
-
-
-@triton.jit
-def _tanh(x):
-    z = tl.exp(-2.0 * tl.abs(x))
-    t = (1.0 - z) / (1.0 + z)
-    return tl.where(x >= 0, t, -t)
 
 
 @triton.jit

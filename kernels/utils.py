@@ -1,21 +1,20 @@
 """Small helpers shared by the qconv Triton kernels.
 
-Nothing here imports triton at module level: ``import qconv.kernels`` must stay cheap, and the
-interpreter switch (``TRITON_INTERPRET=1``) is read when a kernel is first used.
+The interpreter switch (``TRITON_INTERPRET=1``) is read when a kernel is first used. ``_tanh`` is a
+``@triton.jit`` helper that the kernels call from their own modules.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
+import triton
+import triton.language as tl
 
 from qconv.errors import QconvError
-
-if TYPE_CHECKING:  # pragma: no cover
-    import triton
 
 #: Floating dtypes our kernels accept as inputs and produce as outputs.
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -29,7 +28,7 @@ def is_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "no")
 
 
-def triton_config(configs: Sequence["triton.Config"], interpreter: "triton.Config | None" = None) -> list["triton.Config"]:
+def triton_config(configs: Sequence[triton.Config], interpreter: triton.Config | None = None) -> list[triton.Config]:
     """Autotune candidates: all of ``configs`` on a GPU, exactly one under the interpreter.
 
     ``triton.autotune`` with two or more configs fails in the interpreter ("0 active drivers"), so
@@ -44,9 +43,7 @@ def triton_config(configs: Sequence["triton.Config"], interpreter: "triton.Confi
 
 
 def tl_dtype(dtype: torch.dtype):
-    """The ``triton.language`` dtype for a torch floating dtype (imports triton)."""
-    import triton.language as tl
-
+    """The ``triton.language`` dtype for a torch floating dtype."""
     table = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
     try:
         return table[dtype]
@@ -84,3 +81,11 @@ def ensure_contiguous(fn: Callable) -> Callable:
         return fn(*args, **kwargs)
 
     return wrapper
+
+
+@triton.jit
+def _tanh(x):
+    """tanh in float32 from one exp (never overflows)."""
+    z = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - z) / (1.0 + z)
+    return tl.where(x >= 0, t, -t)
