@@ -47,6 +47,19 @@ def cross_entropy_reference(logits: torch.Tensor, labels: torch.Tensor, ignore_i
 
 
 @triton.jit
+def _ce_grad(x, lse, label, cols, scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """``(softmax - onehot) * scale`` for float32 logits ``x`` at ``cols``, through the soft-cap when set."""
+    if HAS_SOFTCAP:
+        t = _tanh(x / softcap)
+        x = softcap * t
+    p = tl.exp(x - lse)
+    g = tl.where(cols == label, p - 1.0, p) * scale
+    if HAS_SOFTCAP:
+        g = g * (1.0 - t * t)
+    return g
+
+
+@triton.jit
 def _ce_fwd_kernel(X, DX, LABELS, LOSS, LSE, SCALE, n_cols, stride_x, stride_dx, ignore_index, softcap,
                    HAS_SOFTCAP: tl.constexpr, GRAD: tl.constexpr, CHUNK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -85,13 +98,7 @@ def _ce_fwd_kernel(X, DX, LABELS, LOSS, LSE, SCALE, n_cols, stride_x, stride_dx,
             cols = start + tl.arange(0, CHUNK)
             mask = cols < n_cols
             x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-            if HAS_SOFTCAP:
-                t = _tanh(x / softcap)
-                x = softcap * t
-            p = tl.exp(x - lse)
-            g = tl.where(cols == label, p - 1.0, p) * scale
-            if HAS_SOFTCAP:
-                g = g * (1.0 - t * t)
+            g = _ce_grad(x, lse, label, cols, scale, softcap, HAS_SOFTCAP)
             tl.store(DX + row * stride_dx + cols, g.to(DX.dtype.element_ty), mask=mask)
 
 
@@ -147,13 +154,7 @@ def _ce_bwd_kernel(X, DX, LABELS, LSE, GRAD, SCALE, n_cols, col_blocks, stride_x
     scale = tl.load(GRAD + row * stride_grad).to(tl.float32) * tl.load(SCALE)
     lse = tl.load(LSE + row)
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_SOFTCAP:
-        t = _tanh(x / softcap)
-        x = softcap * t
-    p = tl.exp(x - lse)
-    g = tl.where(cols == label, p - 1.0, p) * scale
-    if HAS_SOFTCAP:
-        g = g * (1.0 - t * t)
+    g = _ce_grad(x, lse, label, cols, scale, softcap, HAS_SOFTCAP)
     tl.store(dx_ptr, g.to(DX.dtype.element_ty), mask=mask)
 
 
