@@ -93,13 +93,14 @@ def bench_gemv(nf4, copy_gbps: float) -> list[dict]:
 
     from qconv.kernels import matmul_nf4
 
+    dequant_ref = _load("bench_kernels_nf4_sweep")._dequant_ref
     rows = []
     for case, (n, k) in nf4.LLAMA_SHAPES.items():
         packed, qs = nf4._quantized(n, k, "cuda")
         nbytes = packed.numel() + qs.absmax.numel() + 2 * (n + k)
         for m in ((1, 2, 4) if n == 14336 else (1,)):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            ref = x.double() @ nf4._dequant_ref(packed, qs).t()
+            ref = x.double() @ dequant_ref(packed, qs).t()
             for impl, fn in [("qconv", lambda: matmul_nf4(x, packed, qs)),
                              ("bitsandbytes", lambda: bnb.matmul_4bit(x, packed.t(), qs))]:
                 err = nf4._safe(log, f"gemv {case} {impl}", lambda: nf4._rel_err(fn(), ref))
