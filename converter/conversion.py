@@ -82,9 +82,12 @@ def convert(
         from qconv.converter.plan import build_plan
         from qconv.converter.tokenizer_fix import plan_tokenizer_fixes
 
+        marks = {"source_s": time.perf_counter()}  # phase end times, turned into durations in stats["timings"]
         plan = build_plan(src.config, src.checkpoint.infos, settings, where=str(source))
+        marks["plan_s"] = time.perf_counter()
         tok_plan = plan_tokenizer_fixes(src.directory, dict(src.config), src.checkpoint.read,
                                         fix=fix_tokenizer, fix_untrained=fix_untrained_tokens)
+        marks["tokenizer_s"] = time.perf_counter()
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.parent / f".{out.name}.qconv-tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
@@ -93,6 +96,7 @@ def convert(
 
             stats, files = write_tensors(src.checkpoint, plan, tok_plan.tensor_transforms, settings, dev, tmp,
                                          max_shard_bytes, progress=progress)
+            marks["tensors_s"] = time.perf_counter()
             config = _output_config(src.config, settings, tok_plan.config_updates)
             _write_json(tmp / CONFIG_NAME, config)
             _write_generation_config(src.directory, plan.hf_config, tok_plan.generation_config_updates, tmp)
@@ -100,8 +104,15 @@ def convert(
             for path in sorted(tmp.iterdir()):
                 if path.is_file() and path.name not in files and path.name not in (MANIFEST_NAME, CARD_NAME):
                     files[path.name] = sha256_file(path)
+            marks["files_s"] = time.perf_counter()
+            identity = src.identity()  # may wait for the source's content hash
+            marks["source_hash_wait_s"] = time.perf_counter()
+            previous = started
+            for key, mark in marks.items():
+                stats["timings"][key] = round(mark - previous, 3)
+                previous = mark
             stats["seconds"] = round(time.perf_counter() - started, 3)
-            manifest = Manifest(source=src.identity(), settings=settings.to_dict(), files=dict(sorted(files.items())),
+            manifest = Manifest(source=identity, settings=settings.to_dict(), files=dict(sorted(files.items())),
                                 tokenizer_fixes=[f.to_dict() for f in tok_plan.fixes], stats=stats)
             _write_card(tmp, manifest, config, src.card_text, repo_id)
             write_manifest(tmp, manifest)

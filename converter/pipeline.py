@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -58,8 +59,20 @@ def write_tensors(
     # On a GPU nothing waits for the quantized results (the shard writer copies them back asynchronously), so a
     # read buffer goes back to the reader only once its upload is done: one tensor later, after an event.
     pending: tuple[Any, Callable[[], None]] | None = None
+    # Where the loop's time goes (seconds): waiting for the reader, quantizing / casting, waiting for uploads to
+    # finish, handing groups to the writer (blocks while it is behind), and the writer's final flush.
+    waits = {"read_wait_s": 0.0, "quantize_s": 0.0, "upload_wait_s": 0.0, "writer_add_s": 0.0, "finish_s": 0.0}
+    loop_start = time.perf_counter()
     try:
-        for name, tensor, release in reads:
+        iterator = iter(reads)
+        while True:
+            t0 = time.perf_counter()
+            item = next(iterator, None)
+            waits["read_wait_s"] += time.perf_counter() - t0
+            if item is None:
+                break
+            name, tensor, release = item
+            t0 = time.perf_counter()
             step = by_name[name]
             transform = transforms.get(name) or transforms.get(step.out_name)
             if transform is not None:
@@ -78,6 +91,8 @@ def write_tensors(
                 group = {step.out_name: tensor.to(step.dtype, copy=not fresh_reads)}
                 kept += 1
             del tensor
+            t1 = time.perf_counter()
+            waits["quantize_s"] += t1 - t0
             if pending is not None:
                 pending[0].synchronize()
                 pending[1]()
@@ -86,15 +101,20 @@ def write_tensors(
                 release()
             else:
                 pending = (uploaded, release)
+            t2 = time.perf_counter()
+            waits["upload_wait_s"] += t2 - t1
             writer.add(group)
             del group
+            waits["writer_add_s"] += time.perf_counter() - t2
             bar.update(checkpoint.infos[name].nbytes)
             bar.set_postfix_str(f"{quantized + kept}/{len(todo)} tensors", refresh=False)
         if pending is not None:
             pending[0].synchronize()
             pending[1]()
             pending = None
+        t0 = time.perf_counter()
         written = writer.finish(total_parameters=params)
+        waits["finish_s"] = time.perf_counter() - t0
     except BaseException:
         writer.abort()
         raise
@@ -112,6 +132,7 @@ def write_tensors(
         "shards": written.shard_count,
         "device": str(device),
         "model_class": plan.model_class,
+        "timings": {"loop_s": round(time.perf_counter() - loop_start, 3), **{k: round(v, 3) for k, v in waits.items()}},
     }
     return stats, dict(written.files)
 

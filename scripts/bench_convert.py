@@ -249,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         r = run_child("qconv", str(src), str(out), shard)
         rows.append({"what": f"qconv convert, run {i + 1} (--max-shard-size {shard}: {r['stats']['shards']} shards, "
                              f"{r['stats']['device']})", **r})
-        print(f"qconv {shard}: {r['seconds']:.2f} s, rss {r['maxrss_mib']:.0f} MiB", flush=True)
+        print(f"qconv {shard}: {r['seconds']:.2f} s, rss {r['maxrss_mib']:.0f} MiB, "
+              f"loop timings {r['stats'].get('timings')}", flush=True)
         if qconv_out is None:
             qconv_out = out
         else:
