@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from qconv.converter.checkpoint import FileLayout
-from qconv.format import SOURCE_TREE_PIECE, tree_digest
+from qconv.format import SOURCE_TREE_PIECE, sha256_file, tree_digest
 
 
 class TreeHasher:
@@ -66,7 +66,7 @@ def start_content_hash(directory: Path, tree: TreeHasher | None, tree_files: lis
     tree_names = {p.name: p for p in tree_files} if tree is not None else {}
     files = sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
     pool = ThreadPoolExecutor(max_workers=max(1, min(4, len(files))), thread_name_prefix="qconv-hash")
-    plain = {p.name: pool.submit(sha256_small_buffer, p) for p in files if p.name not in tree_names}
+    plain = {p.name: pool.submit(sha256_file, p) for p in files if p.name not in tree_names}
     result: Future = _LazyResult(lambda: _combine(plain, tree, tree_names, pool))
     return pool, result
 
@@ -95,14 +95,3 @@ def _combine(plain: dict[str, Future], tree: TreeHasher | None, tree_names: dict
     digests = {name: fut.result() for name, fut in {**plain, **tree_futures}.items()}
     blob = "".join(f"{digests[n]}  {n}\n" for n in sorted(digests))
     return hashlib.sha256(blob.encode()).hexdigest(), digests, sorted(tree_futures)
-
-
-def sha256_small_buffer(path: Path, chunk: int = 4 << 20) -> str:
-    """sha256 of a file through one reused 4 MiB buffer (hashing runs beside the conversion: keep RSS flat)."""
-    h = hashlib.sha256()
-    buffer = bytearray(chunk)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buffer):
-            h.update(view[:n])
-    return h.hexdigest()

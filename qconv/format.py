@@ -285,12 +285,14 @@ def read_manifest(directory: str | os.PathLike) -> Manifest | None:
     return Manifest.from_dict(data)
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 16 << 20) -> str:
-    """Hex sha256 of a file, read in 16 MiB chunks."""
+def sha256_file(path: str | os.PathLike, chunk: int = 4 << 20) -> str:
+    """Hex sha256 of a file, read through one reused 4 MiB buffer (flat memory, also beside a conversion)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    buffer = bytearray(chunk)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            h.update(view[:n])
     return h.hexdigest()
 
 
@@ -315,17 +317,16 @@ def safetensors_tree_sha256(path: str | os.PathLike) -> str:
     ``SOURCE_TREE_PIECE`` bytes from the tensor's start (an empty tensor has none). The digest is
     ``sha256(sha256(header) || sha256(piece_1) || ...)``, so pieces can be hashed in parallel as they are read.
     """
+    from qconv.safetensors_header import read_header  # it imports this module
+
+    header = read_header(path)
+    pieces = []
     with open(path, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little")
-        header_bytes = head + f.read(n)
-        header = json.loads(header_bytes[8:])
-        spans = sorted(tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__")
-        pieces = []
-        for start, end in spans:
-            for a in range(start, end, SOURCE_TREE_PIECE):
-                f.seek(8 + n + a)
-                pieces.append(hashlib.sha256(f.read(min(end, a + SOURCE_TREE_PIECE) - a)).digest())
+        header_bytes = f.read(header.data_start)
+        for entry in sorted(header.tensors.values(), key=lambda e: e.start):
+            for a in range(entry.start, entry.end, SOURCE_TREE_PIECE):
+                f.seek(a)
+                pieces.append(hashlib.sha256(f.read(min(entry.end, a + SOURCE_TREE_PIECE) - a)).digest())
     return tree_digest(hashlib.sha256(header_bytes).digest(), pieces)
 
 
