@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from qconv import format as fmt
 from qconv.errors import QconvError
 from qconv.runtime import checkpoint as ckpt_mod
+from qconv.runtime.memory import host_rss_mib
 from qconv.runtime.shard_reader import RingUploader, as_typed, read_direct
 from qconv.safetensors_header import ShardHeader, TensorEntry, merge_tensors, read_header
 
@@ -203,13 +204,20 @@ def from_pretrained(
     the causal-LM loss for qconv kernels; the cross-entropy kernel may reuse the logits' memory for their
     gradient, so read ``outputs.logits`` before ``loss.backward()``.
     ``model._qconv`` records what happened (directory, revision, patched ops, replayed tokenizer fixes,
-    whether transformers had to load a checkpoint whose names need its renaming rules, phase timings).
+    whether transformers had to load a checkpoint whose names need its renaming rules, phase timings in
+    ``timings`` and, on Linux, host memory at each phase in ``rss_mib``: ``[VmRSS, VmHWM]`` in MiB).
     """
     start = time.perf_counter()
     marks: dict[str, float] = {}
+    rss: dict[str, tuple[float, float]] = {}  # phase -> (VmRSS, VmHWM) MiB, Linux only
 
     def mark(name: str) -> None:
         marks[name] = round(time.perf_counter() - start, 3)
+        reading = host_rss_mib()
+        if reading is not None:
+            rss[name] = reading
+
+    mark("start")
 
     ckpt = ckpt_mod.open_checkpoint(name_or_path, revision=revision, token=token, trust_remote_code=trust_remote_code)
     if verify:
@@ -238,9 +246,11 @@ def from_pretrained(
         from qconv.runtime import skeleton
 
         config = skeleton.load_config(ckpt.directory, trust_remote_code=trust_remote_code)
+        mark("config")
         if max_seq_length is not None:
             skeleton.apply_max_seq_length(config, max_seq_length)
         cls = skeleton.model_class(config, ckpt.directory, trust_remote_code=trust_remote_code)
+        mark("model_class")
         model = skeleton.build_skeleton(cls, config, dtype)
         skeleton.replace_quantized_linears(model, quantized, settings, compute_dtype)
         expected = set(model.state_dict(keep_vars=True))
@@ -305,6 +315,7 @@ def from_pretrained(
     model._qconv = {
         "source": str(name_or_path), "directory": str(ckpt.directory), "revision": ckpt.revision, "fallback": fallback,
         "patched": patched, "tokenizer_fixes": replayed, "seconds": round(time.perf_counter() - start, 3), "timings": marks,
+        "rss_mib": rss,
     }
     logger.info("loaded %s in %.2f s (patched: %s)", name_or_path, model._qconv["seconds"], ", ".join(patched) or "none")
     return model, tokenizer

@@ -15,8 +15,9 @@ NF4 with double quant on the GPU (``--small``: a tiny Llama on the CPU), plus it
 * ``floor``            (pre-imported) nothing but the CUDA context: the host RSS every method starts from
 
 Reported per run: import seconds (the pre-imports), load seconds (the call), their total (process start to
-model ready),
-peak host RSS (``os.wait4`` of that child), peak GPU memory (allocated, reserved). qconv's logits for a short
+model ready), the load's peak host RSS (the child's VmHWM right after the load, before the logits check runs a
+forward pass), the whole child's peak host RSS (``os.wait4``, forward pass included), peak GPU memory
+(allocated, reserved). qconv's logits for a short
 prompt (patches undone) must equal transformers' (pre-quantized, bf16) exactly. Results: a table on stdout, JSON and
 Markdown under --out.
 """
@@ -161,6 +162,15 @@ def _preimport() -> None:
     from transformers.integrations import bitsandbytes as _  # noqa: F401
 
 
+def _vm_hwm_gib() -> float | None:
+    """This process's peak resident set so far (VmHWM), Linux only."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20
+    except (OSError, StopIteration):
+        return None
+
+
 def child(method: str, base: Path, small: bool, result: Path) -> None:
     """One load. ``qconv`` starts cold (import qconv.runtime only); every other method pre-imports the stack
     (counted as import_s) so that load_s compares the loads themselves."""
@@ -196,7 +206,8 @@ def child(method: str, base: Path, small: bool, result: Path) -> None:
     if torch.cuda.is_available() and not small:
         torch.cuda.synchronize()
     t2 = time.perf_counter()
-    out = {"method": method, "import_s": t1 - t0, "load_s": t2 - t1, "total_s": t2 - t0}
+    out = {"method": method, "import_s": t1 - t0, "load_s": t2 - t1, "total_s": t2 - t0,
+           "load_peak_rss_gib": _vm_hwm_gib()}  # the peak up to here: imports + load, before the logits check
     if model is not None:
         qinfo = getattr(model, "_qconv", {})
         if qinfo.get("patched"):
@@ -210,7 +221,7 @@ def child(method: str, base: Path, small: bool, result: Path) -> None:
         with torch.no_grad():
             logits = model(ids).logits.float().cpu()
         torch.save(logits, result.with_suffix(".pt"))
-        out.update(patched=qinfo.get("patched"), timings=qinfo.get("timings"), finite=bool(torch.isfinite(logits).all()))
+        out.update(patched=qinfo.get("patched"), timings=qinfo.get("timings"), rss_mib=qinfo.get("rss_mib"), finite=bool(torch.isfinite(logits).all()))
     if torch.cuda.is_available() and not small:
         out["gpu_alloc_gib"] = torch.cuda.max_memory_allocated() / 2**30
         out["gpu_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
@@ -252,18 +263,18 @@ def versions() -> dict:
 
 def table(rows: list[dict], ref: str) -> str:
     base = next((r for r in rows if r["method"] == ref and "error" not in r), None)
-    head = ("| method | import s | load s | total s | load vs hf | total vs hf | peak RSS GiB | GPU alloc GiB "
-            "| GPU reserved GiB |")
-    lines = [head, "|" + "---|" * 9]
+    head = ("| method | import s | load s | total s | load vs hf | total vs hf | load peak RSS GiB | process peak RSS GiB "
+            "| GPU alloc GiB | GPU reserved GiB |")
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['method']} | {r['error']} |" + " |" * 7)
+            lines.append(f"| {r['method']} | {r['error']} |" + " |" * 8)
             continue
         load = f"{r['load_s'] / base['load_s']:.2f}x" if base else "-"
         total = f"{r['total_s'] / base['total_s']:.2f}x" if base else "-"
         lines.append(
             f"| {r['method']} | {r['import_s']:.2f} | {r['load_s']:.2f} | {r['total_s']:.2f} | {load} | {total} | "
-            f"{r['peak_rss_gib']:.2f} | {r.get('gpu_alloc_gib', 0):.2f} | {r.get('gpu_reserved_gib', 0):.2f} |"
+            f"{r.get('load_peak_rss_gib') or 0:.2f} | {r['peak_rss_gib']:.2f} | {r.get('gpu_alloc_gib', 0):.2f} | {r.get('gpu_reserved_gib', 0):.2f} |"
         )
     return "\n".join(lines)
 
