@@ -2,10 +2,11 @@
 
 Tensors arrive in groups (a quantized weight and its quant-state tensors stay together in one shard).
 When the next group would push the open shard past ``max_shard_bytes`` (or the shard reached its share of
-the expected total, so that shards come out about equal) the shard is handed to a writer
-thread (:func:`~qconv.converter.shard_file.write_safetensors`: ``os.write`` from the tensors' memory while
-another thread computes the file's sha256 from the same memory, no read-back) and a new one starts; while
-one shard is being written the next one fills, so host memory holds about two shards. Tensors that arrive on
+the expected total, so that shards come out about equal) the shard is handed to one of ``WRITERS`` writer
+threads (:func:`~qconv.converter.shard_file.write_safetensors`: ``os.write`` from the tensors' memory while
+another thread computes the file's sha256 from the same memory, no read-back) and a new one starts. sha256
+runs at ~1 GB/s on one core, slower than the rest of a GPU conversion produces output, so several shards are
+written and hashed at once; host memory holds at most ``WRITERS + 1`` shards. Tensors that arrive on
 a GPU are copied (asynchronously) into reused pinned host blocks of the shard that takes them, so
 device-to-host copies neither allocate nor fault in fresh memory. Shards get temporary names while the total
 is unknown; :meth:`ShardWriter.finish` renames them to ``model-0000i-of-0000n.safetensors`` (or
@@ -50,7 +51,9 @@ def parse_size(size: str | int) -> int:
 
 
 #: Soft upper bound on shard size whatever ``--max-shard-size`` says (a hard bound only when smaller).
-PIPELINE_SHARD_BYTES = 500 * 10**6
+PIPELINE_SHARD_BYTES = 300 * 10**6
+#: Shards written (and hashed) at the same time.
+WRITERS = 3
 #: Size of the reused pinned host blocks that device tensors are copied into.
 HOST_BLOCK_BYTES = 64 << 20
 _ALIGN = 64
@@ -132,7 +135,7 @@ class ShardWriter:
         # first shard is written while the second fills instead of both being written at the very end.
         # Shards are also kept under PIPELINE_SHARD_BYTES: the last shard's write + sha256 is the part of the
         # run nothing overlaps (measured on an H100 for an 8B model: 12.0 s with 2 x 2.85 GB shards, 8.5 s
-        # with 7 x 0.81 GB), and two shards (one filling, one being written) are what host memory holds.
+        # with 7 x 0.81 GB), and WRITERS + 1 shards are what host memory holds.
         limit = min(max_shard_bytes, PIPELINE_SHARD_BYTES)
         shards = -(-expected_total // limit) if expected_total else 1
         self.target_bytes = min(limit, -(-expected_total // shards)) if expected_total else limit
@@ -141,13 +144,15 @@ class ShardWriter:
         self._weight_map: dict[str, int] = {}
         self._total = 0
         self._queue: queue.Queue = queue.Queue()
-        self._in_flight = threading.Semaphore(1)  # one shard being written while the next one fills
+        self._in_flight = threading.Semaphore(WRITERS)  # shards being written while the next one fills
         self._error: BaseException | None = None
-        self._hash_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qconv-sha256")
+        self._hash_pool = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="qconv-sha256")
         self._hashes: dict[int, str] = {}
         self._blocks = _HostBlocks()
-        self._thread = threading.Thread(target=self._run, name="qconv-writer", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name=f"qconv-writer-{i}", daemon=True)
+                         for i in range(WRITERS)]
+        for thread in self._threads:
+            thread.start()
 
     # -- producer side -------------------------------------------------------------------------------
     def add(self, group: dict[str, torch.Tensor]) -> None:
@@ -183,8 +188,7 @@ class ShardWriter:
         """Write the last shard, wait for all writes and hashes, name the files, and write the index."""
         if self._open.tensors or not self._written:
             self._flush()
-        self._queue.put(None)
-        self._thread.join()
+        self._stop_threads()
         self._raise_if_failed()
         total = len(self._written)
         files: dict[str, str] = {}
@@ -208,9 +212,14 @@ class ShardWriter:
     def abort(self) -> None:
         """Stop the writer thread (after an error elsewhere); files left behind belong to the temp dir."""
         self._error = self._error or QconvError("aborted")
-        self._queue.put(None)
-        self._thread.join(timeout=60)
+        self._stop_threads(timeout=60)
         self._hash_pool.shutdown(wait=False, cancel_futures=True)
+
+    def _stop_threads(self, timeout: float | None = None) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join(timeout)
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:

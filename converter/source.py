@@ -20,7 +20,7 @@ from typing import Any
 
 from qconv.converter.checkpoint import Checkpoint, memory_checkpoint, open_checkpoint
 from qconv.errors import QconvError
-from qconv.converter.source_hash import TreeHasher, start_content_hash
+from qconv.converter.source_hash import ContentHash, start_content_hash
 from qconv.format import CONFIG_NAME, SOURCE_TREE_HASH, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class Source:
     card_text: str | None = None
     _hash: Future | None = None
     _cleanup: list[Path] = field(default_factory=list)
-    _pool: ThreadPoolExecutor | None = None
+    _pool: ThreadPoolExecutor | ContentHash | None = None
 
     def identity(self) -> dict[str, Any]:
         """The manifest's ``source`` entry (waits for the content hash of a local directory)."""
@@ -123,14 +123,12 @@ def _dir_source(directory: Path, *, kind: str, ident: str, revision: str | None)
                   revision=revision, card_text=_card_text(directory))
 
 
-def _start_content_hash(src: Source) -> tuple[ThreadPoolExecutor, Future]:
-    """Hash the directory while the conversion runs: safetensors weights from the bytes it reads (a tree
-    digest, see :mod:`qconv.converter.source_hash`), every other top-level file on a background thread."""
+def _start_content_hash(src: Source) -> tuple[ContentHash, Future]:
+    """Hash the directory on background threads while the conversion runs: safetensors weights as tree
+    digests (pieces hashed in parallel, see :mod:`qconv.converter.source_hash`), other files plainly."""
     ckpt = src.checkpoint
-    tree_files = [p for p in ckpt.files if p.parent == src.directory] if ckpt.kind == "safetensors" else []
-    tree = TreeHasher({p: ckpt.layouts[p] for p in tree_files}) if tree_files else None
-    ckpt.hasher = tree
-    return start_content_hash(src.directory, tree, tree_files)
+    layouts = {p: ckpt.layouts[p] for p in ckpt.files if p.parent == src.directory} if ckpt.kind == "safetensors" else {}
+    return start_content_hash(src.directory, layouts)
 
 
 def _gguf_source(path: Path) -> Source:

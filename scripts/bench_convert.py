@@ -10,7 +10,8 @@ data made on the GPU when there is one; ~5 GB safetensors shards), then, each in
   transformers ``from_pretrained(quantization_config=BitsAndBytesConfig(...), dtype=bf16)`` + ``save_pretrained``,
 and finally checks that qconv's and transformers' outputs hold the same tensors byte for byte (same kind of
 device). Prints a final table (seconds, x IO, imports, peak RSS, GPU peak, byte identity); the ratio
-convert/IO is the goal metric (<= 1.3). Imports are timed separately.
+convert/IO is the goal metric (<= 1.3). Imports (the same modules for both converters, see ``_preimport``)
+are timed separately.
 ``--small`` makes a tiny model so the whole script runs on a CPU in seconds.
 """
 
@@ -84,12 +85,20 @@ def child_io(src: str, out: str, out_bytes: int) -> dict:
     return {"seconds": t2 - t0, "read_s": t1 - t0, "write_s": t2 - t1, "read_bytes": read, "written_bytes": out_bytes}
 
 
+def _preimport() -> None:
+    """What both converters import before they touch data (timed apart, as ``import s``): torch,
+    bitsandbytes, transformers' auto classes, the Llama modeling module and the bnb quantizer."""
+    import bitsandbytes  # noqa: F401
+    import torch  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: F401
+    from transformers.quantizers.auto import AutoHfQuantizer  # noqa: F401
+
+
 def child_qconv(src: str, out: str, max_shard_size: str) -> dict:
     t0 = time.perf_counter()
-    import bitsandbytes  # noqa: F401  (import cost reported apart from the conversion)
+    _preimport()
     import torch
-    import transformers  # noqa: F401
-    from transformers import AutoModelForCausalLM  # noqa: F401  (as the transformers run imports it)
 
     from qconv.converter import convert
 
@@ -102,6 +111,7 @@ def child_qconv(src: str, out: str, max_shard_size: str) -> dict:
 
 def child_transformers(src: str, out: str) -> dict:
     t0 = time.perf_counter()
+    _preimport()
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 

@@ -151,30 +151,31 @@ def test_source_is_never_modified(tiny_checkpoint_factory, tmp_path):
     assert load_file(src / "model.safetensors")  # still readable
 
 
-def test_content_hash_comes_from_the_reads_and_equals_the_reference(tmp_path, monkeypatch):
-    """Weight files get the tree digest from the pipeline's own reads (multi-piece tensors included); a tensor
-    the conversion never reads (not in the index) is hashed at the end; other files get their plain sha256."""
+def test_content_hash_is_hashed_in_pieces_in_the_background_and_equals_the_reference(tmp_path, monkeypatch):
+    """Weight files get the tree digest, each piece a job of the background hasher (multi-piece tensors and
+    tensors the index does not list included), without the conversion reading anything; other files get
+    their plain sha256."""
     import hashlib
 
     from qconv.converter import source_hash
     from qconv.format import SOURCE_TREE_PIECE, safetensors_tree_sha256, sha256_file
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    big = torch.randn(SOURCE_TREE_PIECE // 4 + 1000)  # two pieces, read by the thread pool
+    big = torch.randn(SOURCE_TREE_PIECE // 4 + 1000)  # two pieces
     save_file({"big": big, "small": torch.randn(3, 5), "extra": torch.ones(4)}, tmp_path / "a.safetensors")
     save_file({"c": torch.randn(6).bfloat16(), "empty": torch.zeros(0)}, tmp_path / "b.safetensors")
     index = {"weight_map": {"big": "a.safetensors", "small": "a.safetensors", "c": "b.safetensors",
                             "empty": "b.safetensors"}}  # "extra" is in the file but not in the index
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
-    hashed: list[int] = []
-    real_sha256 = hashlib.sha256
-    monkeypatch.setattr(source_hash.hashlib, "sha256", lambda *a: (hashed.append(len(a[0]) if a else 0), real_sha256(*a))[1])
+    pieces: list[int] = []
+    real_digest = source_hash._Piece.digest
+    monkeypatch.setattr(source_hash._Piece, "digest",
+                        classmethod(lambda cls, fd, off, size, path: (pieces.append(size), real_digest(fd, off, size, path))[1]))
     with resolve_source(tmp_path) as src:
-        for name in src.checkpoint.infos:
-            src.checkpoint.read(name)
-        during_reads = sorted(n for n in hashed if n)
-        ident = src.identity()
-    assert SOURCE_TREE_PIECE in during_reads and (big.nbytes - SOURCE_TREE_PIECE) in during_reads
+        ident = src.identity()  # nothing was read by the conversion
+    # a.safetensors: header, big (2 pieces), small, extra; b.safetensors: header, c (the empty tensor has none)
+    assert sorted(pieces).count(SOURCE_TREE_PIECE) == 1 and (big.nbytes - SOURCE_TREE_PIECE) in pieces
+    assert len(pieces) == 7
     expected = {p.name: safetensors_tree_sha256(p) if p.suffix == ".safetensors" else sha256_file(p)
                 for p in tmp_path.iterdir()}
     assert ident["files"] == expected
