@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qconv.errors import QconvError
-from qconv.format import MANIFEST_NAME, Manifest, read_manifest, safe_join, sha256_file
+from qconv.format import MANIFEST_NAME, Manifest, check_manifest_files, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -159,15 +159,15 @@ def local_files(out_dir: Path, manifest: Manifest) -> dict[str, tuple[Path, int,
         if path.is_symlink() and not path.resolve().is_relative_to(out_dir.resolve()):
             raise QconvError(f"{path}: a symlink pointing outside the output directory; refusing to upload it")
         found[rel] = (path, path.stat().st_size, "")
-    for rel, expected in manifest.files.items():
-        path = safe_join(out_dir, rel)
-        if rel not in found:
-            raise QconvError(f"{out_dir}: {rel} is listed in {MANIFEST_NAME} but missing; re-run qconv convert")
-        actual = sha256_file(path)
-        if actual != expected:
-            raise QconvError(f"{path}: sha256 differs from {MANIFEST_NAME} (modified after conversion?); "
+    for check in check_manifest_files(out_dir, manifest):
+        if check.path is None:
+            raise QconvError(check.problem)
+        if check.rel not in found or check.problem == "missing":
+            raise QconvError(f"{out_dir}: {check.rel} is listed in {MANIFEST_NAME} but missing; re-run qconv convert")
+        if check.problem == "sha256":
+            raise QconvError(f"{check.path}: sha256 differs from {MANIFEST_NAME} (modified after conversion?); "
                              "re-run qconv convert")
-        found[rel] = (path, found[rel][1], actual)
+        found[check.rel] = (check.path, found[check.rel][1], check.actual)
     return found
 
 

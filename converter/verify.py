@@ -95,17 +95,15 @@ def _check_manifest(directory: Path, report: VerifyReport) -> fmt.Manifest | Non
         report.problems.append(f"no {fmt.MANIFEST_NAME}: file hashes cannot be checked")
         return None
     listed = set()
-    for rel, digest in sorted(manifest.files.items()):
-        try:
-            path = fmt.safe_join(directory, rel)
-        except QconvError as exc:
-            report.problems.append(str(exc))
+    for check in fmt.check_manifest_files(directory, manifest):
+        if check.path is None:
+            report.problems.append(check.problem)
             continue
-        listed.add(path)
-        if not path.is_file():
-            report.problems.append(f"{rel}: listed in the manifest but missing")
-        elif fmt.sha256_file(path) != digest:
-            report.problems.append(f"{rel}: sha256 differs from the manifest (the file changed after conversion)")
+        listed.add(check.path)
+        if check.problem == "missing":
+            report.problems.append(f"{check.rel}: listed in the manifest but missing")
+        elif check.problem == "sha256":
+            report.problems.append(f"{check.rel}: sha256 differs from the manifest (the file changed after conversion)")
     report.counts["files hashed"] = len(listed)
     for path in sorted(directory.rglob("*")):
         if path.is_file() and (path.suffix in WEIGHT_SUFFIXES or path.name == fmt.INDEX_NAME) and path.resolve() not in listed:

@@ -296,6 +296,44 @@ def sha256_file(path: str | os.PathLike, chunk: int = 4 << 20) -> str:
     return h.hexdigest()
 
 
+@dataclass(frozen=True)
+class FileCheck:
+    """One manifest entry checked against the disk: ``problem`` is None when the file has its sha256."""
+
+    rel: str
+    path: Path | None  # None when the listed name points outside the directory
+    expected: str
+    actual: str | None = None  # None when missing or unsafe
+    problem: str | None = None  # "missing" | "sha256" | the unsafe-path message
+
+
+def check_manifest_files(directory: str | os.PathLike, manifest: "Manifest") -> list[FileCheck]:
+    """Hash every file ``manifest`` lists (several files at once: sha256 runs at ~1 GB/s per core), in name
+    order. Names are joined with :func:`safe_join`; an escaping name is reported, never read."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    directory = Path(directory)
+    entries: list[tuple[str, Path | None, str, str | None]] = []
+    for rel, expected in sorted(manifest.files.items()):
+        try:
+            entries.append((rel, safe_join(directory, rel), expected, None))
+        except QconvError as exc:
+            entries.append((rel, None, expected, str(exc)))
+
+    def check(entry: tuple[str, Path | None, str, str | None]) -> FileCheck:
+        rel, path, expected, unsafe = entry
+        if path is None:
+            return FileCheck(rel, None, expected, problem=unsafe)
+        if not path.is_file():
+            return FileCheck(rel, path, expected, problem="missing")
+        actual = sha256_file(path)
+        return FileCheck(rel, path, expected, actual, None if actual == expected else "sha256")
+
+    workers = max(1, min(8, len(entries), os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qconv-verify") as pool:
+        return list(pool.map(check, entries))
+
+
 #: Piece size of the safetensors tree digest of a source weight file (docs/format.md §6.1).
 SOURCE_TREE_PIECE = 16 << 20
 #: Name of that digest, recorded in the manifest's ``source.tree_hash``.

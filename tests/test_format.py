@@ -70,3 +70,17 @@ def test_safe_join_refuses_escapes(tmp_path):
     for bad in ("../x.safetensors", "/etc/passwd", "a/../../x"):
         with pytest.raises(QconvError, match="outside"):
             fmt.safe_join(tmp_path, bad)
+
+
+def test_check_manifest_files_reports_each_kind_of_problem(tmp_path):
+    (tmp_path / "good.bin").write_bytes(b"good bytes")
+    (tmp_path / "changed.bin").write_bytes(b"changed")
+    files = {"good.bin": fmt.sha256_file(tmp_path / "good.bin"), "changed.bin": "0" * 64,
+             "gone.bin": "1" * 64, "../outside.bin": "2" * 64}
+    m = fmt.Manifest(source={"id": "x"}, settings=fmt.QuantSettings().to_dict(), files=files)
+    checks = {c.rel: c for c in fmt.check_manifest_files(tmp_path, m)}
+    assert list(checks) == sorted(files)
+    assert checks["good.bin"].problem is None and checks["good.bin"].actual == files["good.bin"]
+    assert checks["changed.bin"].problem == "sha256" and checks["changed.bin"].actual == fmt.sha256_file(tmp_path / "changed.bin")
+    assert checks["gone.bin"].problem == "missing" and checks["gone.bin"].actual is None
+    assert checks["../outside.bin"].path is None and "outside" in checks["../outside.bin"].problem
