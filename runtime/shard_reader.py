@@ -8,12 +8,14 @@ byte range before torch or transformers are imported. Two readers fill pre-alloc
 * :class:`RingUploader` - device destinations: each shard is read in large contiguous chunks by a few
   threads into a small ring of reusable (pinned) staging buffers, and every chunk is copied
   asynchronously into the device tensors it overlaps. It runs in the background, so the model
-  skeleton can be built (and transformers imported) while the bytes travel.
+  skeleton can be built (and transformers imported) while the bytes travel. The ring is one anonymous
+  mapping of its own, unmapped as soon as the reading is done (no pinned memory left behind).
 """
 
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import queue
 import threading
@@ -124,9 +126,9 @@ class RingUploader:
         self._cuda = any(d.is_cuda for js in jobs.values() for _, d in js)
         n_buffers = max(1, min(buffers, len(self._chunks)))
         size = max((c.end - c.begin for c in self._chunks), default=0)
+        self._ring = _HostRing(n_buffers, size, pin=self._cuda)
         self._free: queue.Queue = queue.Queue()
-        for _ in range(n_buffers):
-            buf = torch.empty(size, dtype=torch.uint8, pin_memory=self._cuda)
+        for buf in self._ring.buffers:
             self._free.put((buf, []))
         self._todo: queue.Queue = queue.Queue()
         for c in self._chunks:
@@ -203,11 +205,59 @@ class RingUploader:
         for t in self._threads:
             t.join()
         while not self._free.empty():
-            _, events = self._free.get()
-            for event in events:
+            for event in self._free.get()[1]:
                 event.synchronize()
         for fd in self._fds.values():
             os.close(fd)
         self._fds = {}
+        self._ring.release()
         if raise_errors and self._errors:
             raise self._errors[0]
+
+
+class _HostRing:
+    """``count`` staging buffers of ``size`` bytes in one anonymous mapping, page-locked for CUDA when ``pin``.
+
+    The mapping is this object's own (not torch's caching host allocator, which keeps freed pinned blocks
+    for the life of the process), so :meth:`release` gives the memory back to the OS as soon as the
+    reading is done. Pinning registers the mapping with ``cudaHostRegister``; if that fails the buffers
+    come from torch's pinned allocator instead.
+    """
+
+    def __init__(self, count: int, size: int, *, pin: bool) -> None:
+        import torch
+
+        self._map: mmap.mmap | None = None
+        self._registered = False
+        stride = -(-max(size, 1) // mmap.PAGESIZE) * mmap.PAGESIZE
+        self._map = mmap.mmap(-1, stride * count, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        whole = torch.frombuffer(self._map, dtype=torch.uint8)
+        if pin:
+            err = torch.cuda.cudart().cudaHostRegister(whole.data_ptr(), stride * count, 0)
+            self._registered = int(err) == 0
+            if not self._registered:  # pragma: no cover - depends on the driver
+                logger.debug("cudaHostRegister failed (%s): torch's pinned allocator instead", err)
+                del whole
+                self._close()
+                self.buffers = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(count)]
+                return
+        self.buffers = [whole[i * stride : i * stride + size] for i in range(count)]
+        self._base = whole.data_ptr()
+
+    def _close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+
+    def release(self) -> None:
+        """Unpin and unmap (call only after every copy out of the buffers has finished)."""
+        self.buffers = []
+        if self._registered:
+            import torch
+
+            torch.cuda.cudart().cudaHostUnregister(self._base)
+            self._registered = False
+        try:
+            self._close()
+        except BufferError:  # a view of a buffer is still alive somewhere: the GC unmaps it later
+            logger.debug("staging ring still referenced; not unmapped now")

@@ -179,7 +179,18 @@ def child(method: str, base: Path, small: bool, result: Path) -> None:
         _preimport()
     if method.startswith("qconv"):
         from qconv.runtime import from_pretrained
+    import gc
+
+    gc_s = [0.0, 0.0]  # time in the cyclic garbage collector during the load (diagnostic)
+
+    def _gc_timer(phase: str, info: dict) -> None:
+        if phase == "start":
+            gc_s[1] = time.perf_counter()
+        else:
+            gc_s[0] += time.perf_counter() - gc_s[1]
+
     t1 = time.perf_counter()
+    gc.callbacks.append(_gc_timer)
     import torch
 
     device = "cpu" if small else "cuda:0"
@@ -203,11 +214,16 @@ def child(method: str, base: Path, small: bool, result: Path) -> None:
             kw = {"dtype": torch.bfloat16} if method == "hf-prequant-bf16" else {}
             model = AutoModelForCausalLM.from_pretrained(base / "nf4", device_map=device, **kw)
         tok = AutoTokenizer.from_pretrained(base / "nf4")
+    t_ret = time.perf_counter()
     if torch.cuda.is_available() and not small:
         torch.cuda.synchronize()
     t2 = time.perf_counter()
+    gc.callbacks.remove(_gc_timer)
     out = {"method": method, "import_s": t1 - t0, "load_s": t2 - t1, "total_s": t2 - t0,
-           "load_peak_rss_gib": _vm_hwm_gib()}  # the peak up to here: imports + load, before the logits check
+           "load_peak_rss_gib": _vm_hwm_gib(),  # the peak up to here: imports + load, before the logits check
+           "sync_s": t2 - t_ret, "gc_s": gc_s[0]}
+    if model is not None and getattr(model, "_qconv", None):  # time between the call and the loader's own clock
+        out["outside_loader_s"] = (t_ret - t1) - model._qconv["seconds"]
     if model is not None:
         qinfo = getattr(model, "_qconv", {})
         if qinfo.get("patched"):

@@ -9,7 +9,8 @@ transformers + the Llama modeling file, bitsandbytes (+ transformers' bnb integr
 ``model._qconv["rss_mib"]``, are printed as a second table), then a forward pass (not part of the load:
 it shows what cuBLAS and friends add afterwards). The modules the load itself imported are listed.
 
-Without ``--no-imports``, subprocesses then time the same imports twice as they are and twice with
+Without ``--no-imports``, subprocesses (``python -P``: the repo root's ``kernels/`` must not shadow the
+``kernels`` package transformers probes for) then time the same imports twice as they are and twice with
 ``PYTHONPYCACHEPREFIX`` set to a fresh writable folder and ``PYTHONDONTWRITEBYTECODE`` unset (a read-only tree without ``.pyc`` files compiles
 every module at every start; the second run with the prefix shows the cost once compiled), report whether
 the packages' ``__pycache__`` folders are writable and filled, and write ``python -X importtime`` of a cold
@@ -128,7 +129,7 @@ def profile(steps: Steps, directory: Path, device: str) -> dict:
 
 def _timed(code: str, env: dict) -> float:
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-P", "-c", code], env=env, check=True, stdout=subprocess.DEVNULL)
     return round(time.perf_counter() - t, 2)
 
 
@@ -145,7 +146,7 @@ def _pycache_report() -> dict:
         "    out[name] = {'dir': d, 'writable': bool(d) and os.access(d, os.W_OK), 'pyc_in_pycache': n}\n"
         "print(json.dumps(out))"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True)
     return json.loads(res.stdout) if res.returncode == 0 else {"error": res.stderr[-500:]}
 
 
@@ -159,13 +160,14 @@ def _parse_importtime(text: str) -> list[dict]:
     return rows
 
 
-def import_experiments(directory: Path, device: str, out: Path) -> dict:
+def import_experiments(directory: Path, device: str, out: Path, pyc_prefix: Path | None) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     env.pop("PYTHONPYCACHEPREFIX", None)
     result: dict = {"pycache": _pycache_report(), "PYTHONDONTWRITEBYTECODE": os.environ.get("PYTHONDONTWRITEBYTECODE"),
                     "dont_write_bytecode": sys.dont_write_bytecode}
     result["stack_import_s_as_is"] = [_timed(PREIMPORTS, env) for _ in range(2)]
-    prefix = Path(f"/tmp/qconv-pyc-{os.getpid()}")
+    prefix = pyc_prefix or Path(f"/tmp/qconv-pyc-{os.getpid()}")
+    subprocess.run(["rm", "-rf", str(prefix)], check=False)  # start from an empty cache
     penv = dict(env, PYTHONPYCACHEPREFIX=str(prefix))
     penv.pop("PYTHONDONTWRITEBYTECODE", None)  # the first run must be allowed to write the cache
     result["stack_import_s_pycache_prefix"] = [_timed(PREIMPORTS, penv) for _ in range(2)]
@@ -175,14 +177,15 @@ def import_experiments(directory: Path, device: str, out: Path) -> dict:
     best = None
     for tag, e in (("as_is", env), ("pycache_prefix", penv)):
         t = time.perf_counter()
-        res = subprocess.run([sys.executable, "-X", "importtime", "-c", cold], env=e, capture_output=True, text=True)
+        res = subprocess.run([sys.executable, "-P", "-X", "importtime", "-c", cold], env=e, capture_output=True, text=True)
         result[f"cold_qconv_load_s_{tag}"] = round(time.perf_counter() - t, 2)
         (out / f"importtime_{tag}.log").write_text(res.stderr)
         if res.returncode != 0:
             result[f"cold_qconv_load_error_{tag}"] = res.stderr[-800:]
             continue
         best = _parse_importtime(res.stderr)
-    subprocess.run(["rm", "-rf", str(prefix)], check=False)
+    if pyc_prefix is None:
+        subprocess.run(["rm", "-rf", str(prefix)], check=False)
     if best:
         result["importtime_total_s"] = round(sum(r["self_s"] for r in best), 2)
         result["importtime_top_cumulative"] = sorted(best, key=lambda r: -r["cumulative_s"])[:25]
@@ -226,6 +229,8 @@ def main() -> int:
     ap.add_argument("--device", default="auto", help="auto (cuda:0 when present), cpu or cuda:N")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     ap.add_argument("--no-imports", action="store_true", help="skip the import-time subprocess experiments")
+    ap.add_argument("--pyc-prefix", type=Path, default=None,
+                    help="bytecode cache folder for the experiments, kept afterwards (default: a temporary one)")
     args = ap.parse_args()
     steps = Steps()
     directory = args.dir
@@ -235,7 +240,7 @@ def main() -> int:
     res = profile(steps, directory, args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.no_imports:
-        res["imports"] = import_experiments(directory, res["device"], args.out)
+        res["imports"] = import_experiments(directory, res["device"], args.out, args.pyc_prefix)
     (args.out / "profile_load.json").write_text(json.dumps(res, indent=1))
     text = markdown(res)
     (args.out / "profile_load.md").write_text(text + "\n")

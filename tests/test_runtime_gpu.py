@@ -56,7 +56,10 @@ def test_gpu_ring_uploader_byte_exact(tmp_path):
     save_file(tensors, str(path))
     header = read_header(path)
     dests = {n: torch.empty(e.nbytes, dtype=torch.uint8, device="cuda") for n, e in header.tensors.items()}
-    RingUploader({path: [(header.tensors[n], d) for n, d in dests.items()]}, threads=3, buffers=2, chunk_bytes=777).wait()
+    uploader = RingUploader({path: [(header.tensors[n], d) for n, d in dests.items()]}, threads=3, buffers=2, chunk_bytes=777)
+    assert uploader._ring._registered and uploader._ring.buffers[0].is_pinned()  # page-locked: truly async copies
+    uploader.wait()
+    assert uploader._ring._map is None and not uploader._ring._registered  # unpinned and unmapped after the read
     ref = load_file(str(path))
     for n, raw in dests.items():
         assert torch.equal(as_typed(header.tensors[n], raw).cpu(), ref[n]), n

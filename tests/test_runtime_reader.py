@@ -68,6 +68,24 @@ def test_ring_uploader_is_byte_exact(shard, chunk_bytes):
             assert torch.equal(as_typed(header.tensors[name], raw), ref[name]), name
 
 
+def test_ring_is_unmapped_after_wait_and_after_errors(shard, tmp_path):
+    """The staging ring is the uploader's own mapping: gone once wait() returns, also when a read failed."""
+    header = read_header(shard)
+    dests = _dests(header)
+    uploader = RingUploader({shard: [(header.tensors[n], d) for n, d in dests.items()]}, threads=2, buffers=2, chunk_bytes=4096)
+    assert uploader._ring._map is not None and len(uploader._ring.buffers) == 2
+    uploader.wait()
+    assert uploader._ring._map is None and uploader._ring.buffers == []
+    assert torch.equal(as_typed(header.tensors["e.big"], dests["e.big"]), load_file(str(shard))["e.big"])
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(shard.read_bytes()[: header.tensors["e.big"].start + 10])
+    failing = RingUploader({cut: [(header.tensors["e.big"], torch.empty(header.tensors["e.big"].nbytes, dtype=torch.uint8))]},
+                           chunk_bytes=1 << 16)
+    with pytest.raises(QconvError, match="end of file"):
+        failing.wait()
+    assert failing._ring._map is None
+
+
 def test_plan_chunks_cover_each_byte_once(shard):
     header = read_header(shard)
     jobs = [(e, torch.empty(e.nbytes, dtype=torch.uint8)) for e in header.tensors.values()]
