@@ -233,8 +233,11 @@ class _HostRing:
         self._map = mmap.mmap(-1, stride * count, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         whole = torch.frombuffer(self._map, dtype=torch.uint8)
         if pin:
-            err = torch.cuda.cudart().cudaHostRegister(whole.data_ptr(), stride * count, 0)
-            self._registered = int(err) == 0
+            try:
+                err = torch.cuda.cudart().cudaHostRegister(whole.data_ptr(), stride * count, 0)
+                self._registered = int(err) == 0
+            except Exception as exc:  # pragma: no cover - a torch without the cudart bindings
+                err = exc
             if not self._registered:  # pragma: no cover - depends on the driver
                 logger.debug("cudaHostRegister failed (%s): torch's pinned allocator instead", err)
                 del whole
