@@ -234,7 +234,8 @@ class _HostRing:
         whole = torch.frombuffer(self._map, dtype=torch.uint8)
         if pin:
             try:
-                err = torch.cuda.cudart().cudaHostRegister(whole.data_ptr(), stride * count, 0)
+                # 1 = cudaHostRegisterPortable: pinned for every device's context (multi-GPU device maps)
+                err = torch.cuda.cudart().cudaHostRegister(whole.data_ptr(), stride * count, 1)
                 self._registered = int(err) == 0
             except Exception as exc:  # pragma: no cover - a torch without the cudart bindings
                 err = exc
