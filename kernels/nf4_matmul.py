@@ -26,11 +26,14 @@ import torch
 
 from qconv.errors import QconvError
 from qconv.kernels.nf4_dequantize import HAS_TRITON, _packed_bytes, _state_fields, dequantize_nf4, state_tensors
+from qconv.kernels.nf4_gemv import code_planes, rows_launch
 from qconv.kernels.utils import FLOAT_DTYPES, is_interpreter
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from qconv.kernels.nf4_gemv import _nf4_gemv_rows_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +49,9 @@ GEMV_EVEN_ODD = False
 #: dequantize + torch.matmul was faster on the H100).
 GEMV_ROWS_PER_PROGRAM = 4
 GEMV_MAX_ROWS = 4
+#: One row of x (M = 1) takes the persistent ``rows`` kernel of ``nf4_gemv.py`` (x held in registers,
+#: 128-bit weight loads, code lookup in registers); 2-4 rows take the ``tile`` kernel below.
+GEMV_ROWS_KERNEL = True
 
 
 # --------------------------------------------------------------------------------------------------
@@ -171,12 +177,72 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 class _GemvPlan:
-    """Per (quant state, packed weight, device): the GEMV kernel's weight arguments (packed bytes, fields)."""
+    """Per (quant state, packed weight, device): the GEMV kernels' weight arguments and cached launchers."""
 
     def __init__(self, packed: torch.Tensor, quant_state: Any, f: dict[str, Any], device: torch.device):
         self.packed, self.absmax, self.f, self.device = packed, quant_state.absmax, f, device
         self.N, self.K = f["shape"]
         self.data = _packed_bytes(packed, f["numel"])
+        # the rows kernel reads 32-bit words: the row length K/2 is a multiple of 16 bytes (blocksize >= 32)
+        self.words = self.data.view(torch.int32) if self.data.data_ptr() % 16 == 0 else None
+        self.state = state_tensors(quant_state, f, device, False)
+        self.planes = code_planes(f["code"]) if device.type == "cuda" else None
+        self.sm_count = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        self.launchers: dict[tuple, Any] = {}
+
+    def rows(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The rows kernel for one row ``x`` [K]: a cached direct launch after the first call."""
+        key = (x.dtype, bias is not None, x.data_ptr() % 16, 0 if bias is None else bias.data_ptr() % 16)
+        launcher = self.launchers.get(key)
+        if launcher is not None:
+            return launcher(x, bias)
+        y = torch.empty(self.N, dtype=x.dtype, device=x.device)
+        grid, args, kw = rows_launch(x, self.words, self.state, self.planes, self.f, bias, y, self.sm_count)
+        compiled = _nf4_gemv_rows_kernel[grid](*args, **kw)
+        if x.is_cuda and not torch.cuda.is_current_stream_capturing():
+            launcher = _direct_launcher(compiled, grid, args, x, bias, y)
+            if launcher is not None:
+                self.launchers[key] = launcher
+        return y
+
+
+#: Whether launching a cached compiled kernel directly gave the same result as Triton's launcher
+#: (checked once per process on the first CUDA call; None: not yet checked).
+_DIRECT_LAUNCH_OK: bool | None = None
+
+
+def _direct_launcher(compiled: Any, grid: tuple, args: list, x: torch.Tensor, bias: torch.Tensor | None,
+                     y_ref: torch.Tensor):
+    """A launcher that calls the compiled rows kernel directly (no per-call argument binding), or None."""
+    global _DIRECT_LAUNCH_OK
+    try:
+        run, function, metadata = compiled.run, compiled.function, compiled.packed_metadata
+        get_stream = torch._C._cuda_getCurrentRawStream
+    except AttributeError:  # another Triton: keep its launcher
+        return None
+    g0, g1, g2 = (tuple(grid) + (1, 1))[:3]
+    mid, tail = tuple(args[1:7]), tuple(args[9:])
+    n, dtype, device, index = y_ref.shape[0], x.dtype, x.device, x.device.index
+
+    def launch(xv: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        if torch.cuda.current_device() != index:  # the kernel is loaded for this device's context
+            with torch.cuda.device(index):
+                return launch(xv, b)
+        y = torch.empty(n, dtype=dtype, device=device)
+        run(g0, g1, g2, get_stream(index), function, metadata, None, None, None, xv, *mid, xv if b is None else b, y, *tail)
+        return y
+
+    if _DIRECT_LAUNCH_OK is None:
+        try:
+            got = launch(x, bias).float()
+            ref = y_ref.float()
+            _DIRECT_LAUNCH_OK = bool(torch.equal(got, ref))
+        except Exception as exc:  # noqa: BLE001 - a launcher ABI we do not know: keep Triton's
+            logger.warning("matmul_nf4: direct kernel launch failed (%s); using Triton's launcher", exc)
+            _DIRECT_LAUNCH_OK = False
+        if not _DIRECT_LAUNCH_OK:
+            logger.warning("matmul_nf4: direct kernel launch disagrees with Triton's launcher; using Triton's")
+    return launch if _DIRECT_LAUNCH_OK else None
 
 
 def _gemv_plan(packed: torch.Tensor, quant_state: Any, x: torch.Tensor) -> _GemvPlan | None:
@@ -222,7 +288,10 @@ def _forward(x: torch.Tensor, packed: torch.Tensor, quant_state: Any, bias: torc
                 x2 = x2.contiguous()
             if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
                 bias = bias.to(x.dtype).contiguous()
-            y = _gemv(x2, plan.data, quant_state, plan.f, bias)
+            if M == 1 and GEMV_ROWS_KERNEL and plan.words is not None:
+                y = plan.rows(x2.view(plan.K), bias)
+            else:
+                y = _gemv(x2, plan.data, quant_state, plan.f, bias)
             return y.view(*x.shape[:-1], plan.N)
     f = _state_fields(quant_state)
     _check(x, f, bias)

@@ -12,7 +12,7 @@ bnb = pytest.importorskip("bitsandbytes")
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
 from qconv.errors import QconvError  # noqa: E402
-from qconv.kernels import nf4_dequantize, nf4_matmul  # noqa: E402
+from qconv.kernels import nf4_dequantize, nf4_gemv, nf4_matmul  # noqa: E402
 from qconv.kernels.utils import is_interpreter  # noqa: E402
 
 # CPU tests run the Triton kernels through the interpreter; on a GPU machine the `gpu` tests cover them
@@ -99,16 +99,49 @@ def test_gemv_bf16_x_not_4_byte_aligned():
 
 
 @needs_triton
-def test_dispatch_uses_the_gemv_kernel_for_few_rows(monkeypatch):
-    """Up to GEMV_MAX_ROWS rows go to the GEMV kernel and never dequantize the weight; more rows do."""
+def test_dispatch_uses_the_gemv_kernels_for_few_rows(monkeypatch):
+    """One row takes the rows kernel, up to GEMV_MAX_ROWS the tile kernel; more rows dequantize the weight."""
     packed, state = quantize(32, 128, 64, "nf4", True)
     calls = []
-    dequantize, tile = nf4_matmul.dequantize_nf4, nf4_matmul._gemv
+    dequantize, tile, rows = nf4_matmul.dequantize_nf4, nf4_matmul._gemv, nf4_matmul._GemvPlan.rows
     monkeypatch.setattr(nf4_matmul, "dequantize_nf4", lambda *a, **k: calls.append("dequantize") or dequantize(*a, **k))
     monkeypatch.setattr(nf4_matmul, "_gemv", lambda *a, **k: calls.append("tile") or tile(*a, **k))
-    for rows in (1, nf4_matmul.GEMV_MAX_ROWS, nf4_matmul.GEMV_MAX_ROWS + 1):
-        nf4_matmul.matmul_nf4(torch.randn(rows, 128), packed, state)
-    assert calls == ["tile", "tile", "dequantize"]
+    monkeypatch.setattr(nf4_matmul._GemvPlan, "rows", lambda *a, **k: calls.append("rows") or rows(*a, **k))
+    for n_rows in (1, nf4_matmul.GEMV_MAX_ROWS, nf4_matmul.GEMV_MAX_ROWS + 1):
+        nf4_matmul.matmul_nf4(torch.randn(n_rows, 128), packed, state)
+    assert calls == ["rows", "tile", "dequantize"]
+
+
+@needs_triton
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+@pytest.mark.parametrize("r", [1, 4])
+@pytest.mark.parametrize("n_out,n_in,blocksize,quant_type,double_quant", [
+    (45, 256, 64, "nf4", True),  # N not a multiple of the rows per step
+    (20, 448, 32, "fp4", False),  # K/32 not a power of two (masked chunks), plain absmax
+])
+def test_rows_kernel_gather_path_writes_every_output(n_out, n_in, blocksize, quant_type, double_quant, r, prefetch):
+    """The rows kernel (gather lookup, as on the CPU) over rows per step, prefetch depths and ragged shapes."""
+    packed, state = quantize(n_out, n_in, blocksize, quant_type, double_quant)
+    f = nf4_dequantize._state_fields(state)
+    words = nf4_dequantize._packed_bytes(packed, f["numel"]).view(torch.int32)
+    args = nf4_dequantize.state_tensors(state, f, torch.device("cpu"), False)
+    x, bias = torch.randn(n_in), torch.randn(n_out)
+    out = torch.full((n_out,), float("nan"))
+    nf4_gemv.gemv_rows(x, words, args, None, f, bias, out, r=r, prefetch=prefetch)
+    ref = reference(x[None], packed, state, bias)
+    assert_close_to_reference(out[None], ref, x[None], packed, state, rel=1e-5)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_code_planes_hold_the_float16_code(quant_type):
+    """The 8 byte-plane words rebuild the float16 code; a code float16 cannot hold gets None (gather path)."""
+    code = bnb_functional.get_4bit_type(quant_type, device="cpu")
+    planes = [p & 0xFFFFFFFF for p in nf4_gemv.code_planes(code)]
+    low = [(planes[j // 4] >> (8 * (j % 4))) & 0xFF for j in range(16)]
+    high = [(planes[4 + j // 4] >> (8 * (j % 4))) & 0xFF for j in range(16)]
+    rebuilt = torch.tensor([lo | (hi << 8) for lo, hi in zip(low, high)], dtype=torch.int32).to(torch.int16).view(torch.float16)
+    assert torch.equal(rebuilt, code.half())
+    assert nf4_gemv.code_planes(code * 1e6) is None and nf4_gemv.code_planes(code * 1e-7) is None
 
 
 @needs_triton
@@ -202,3 +235,24 @@ def test_gpu_gradients(dtype):
     scale = dy.double().abs() @ w.abs()
     assert not torch.isnan(dx).any()
     assert ((dx.double() - dx_ref).abs() / scale).max().item() <= GPU_REL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,blocksize,quant_type", [((1000, 4096), 64, "nf4"), ((300, 1000 * 14), 128, "fp4"),
+                                                         ((64, 8192), 4096, "nf4")])
+def test_gpu_rows_kernel_asm_and_gather_lookups(dtype, shape, blocksize, quant_type):
+    """The rows kernel with the register (prmt) lookup and with the L1-gather lookup, both prefetch depths."""
+    packed, state = quantize(*shape, blocksize, quant_type, True, device="cuda")
+    f = nf4_dequantize._state_fields(state)
+    words = nf4_dequantize._packed_bytes(packed, f["numel"]).view(torch.int32)
+    args = nf4_dequantize.state_tensors(state, f, packed.device, False)
+    planes = nf4_gemv.code_planes(state.code)
+    x = torch.randn(shape[1], device="cuda").to(dtype)
+    bias = torch.randn(shape[0], device="cuda").to(dtype)
+    ref = reference(x[None], packed, state, bias)
+    for lookup_asm in (True, False):
+        for prefetch in (1, 2):
+            out = torch.full((shape[0],), float("nan"), device="cuda", dtype=dtype)
+            nf4_gemv.gemv_rows(x, words, args, planes, f, bias, out, lookup_asm=lookup_asm, prefetch=prefetch)
+            assert_close_to_reference(out[None], ref, x[None], packed, state, rel=GPU_REL[dtype])

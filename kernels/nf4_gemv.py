@@ -1,0 +1,260 @@
+"""Fused NF4/FP4 dequantize + GEMV for a few rows of x (decoding): the ``rows`` kernel.
+
+Layout: a persistent program loads x once, as float32, split into the 8 element positions of a
+32-bit word of packed weight (``X_p[c, i] = x[32 c + 8 i + p]``), and then loops over groups of
+``R`` output features. For each group it reads whole rows of packed weight as 32-bit words
+``[R, C, 4]`` (each thread owns 16 contiguous bytes, a 128-bit load, of each row), turns each word
+into its 8 code values, multiplies them with the matching x values and sums the 32 products of a
+16-byte chunk in float32; the chunk sum is scaled by its quantization block's absmax (nested
+dequantization once per chunk) and the row is reduced once.
+
+Code lookup (constexpr ``LOOKUP``):
+
+* ``"asm"``: in registers, with PTX ``prmt`` on the byte planes of the 16-entry code held as float16
+  (passed as 8 32-bit kernel arguments, so any code table works): 8 values per word from 22 integer
+  instructions and 8 conversions, no memory access. float16 rounds the code by at most 2^-11
+  relative; used for bf16/fp16 x only.
+* ``"gather"``: one 4-byte load per value from the float32 code (exact; float32 x, FP4/custom codes
+  that float16 cannot hold, and Triton's interpreter, which cannot run inline assembly).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import torch
+
+from qconv.kernels.nf4_dequantize import HAS_TRITON
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+
+def _lookup_asm() -> str:
+    """PTX: word ``$8`` (8 nibbles) -> ``$0..$7`` float32 code values in element order.
+
+    ``$9..$12`` hold the low bytes of the float16 code (entries 0-3, 4-7, 8-11, 12-15), ``$13..$16``
+    the high bytes. Nibble j of the word is element ``j ^ 1`` (high nibble first within a byte).
+    """
+    return """{
+.reg .b32 m, s, s2, m2, a, b, l0, h0, l1, h1, p0, p1, p2, p3;
+.reg .b16 e0, e1, e2, e3, e4, e5, e6, e7;
+and.b32 m, $8, 0x77777777;
+and.b32 s, $8, 0x88888888;
+shr.u32 s, s, 1;
+or.b32 s, s, 0x32103210;
+shr.u32 s2, s, 16;
+shr.u32 m2, m, 16;
+prmt.b32 a, $9, $10, m;
+prmt.b32 b, $11, $12, m;
+prmt.b32 l0, a, b, s;
+prmt.b32 a, $13, $14, m;
+prmt.b32 b, $15, $16, m;
+prmt.b32 h0, a, b, s;
+prmt.b32 a, $9, $10, m2;
+prmt.b32 b, $11, $12, m2;
+prmt.b32 l1, a, b, s2;
+prmt.b32 a, $13, $14, m2;
+prmt.b32 b, $15, $16, m2;
+prmt.b32 h1, a, b, s2;
+prmt.b32 p0, l0, h0, 0x4051;
+prmt.b32 p1, l0, h0, 0x6273;
+prmt.b32 p2, l1, h1, 0x4051;
+prmt.b32 p3, l1, h1, 0x6273;
+mov.b32 {e0, e1}, p0;
+mov.b32 {e2, e3}, p1;
+mov.b32 {e4, e5}, p2;
+mov.b32 {e6, e7}, p3;
+cvt.f32.f16 $0, e0;
+cvt.f32.f16 $1, e1;
+cvt.f32.f16 $2, e2;
+cvt.f32.f16 $3, e3;
+cvt.f32.f16 $4, e4;
+cvt.f32.f16 $5, e5;
+cvt.f32.f16 $6, e6;
+cvt.f32.f16 $7, e7;
+}"""
+
+
+def code_planes(code: torch.Tensor) -> tuple[int, ...] | None:
+    """The 16-entry code as float16 byte planes (8 signed 32-bit ints), or None if float16 cannot hold it.
+
+    Returns ``(L0, L1, L2, L3, H0, H1, H2, H3)``: ``Lj`` packs the low bytes of entries ``4j..4j+3``
+    (entry ``4j`` in the lowest byte), ``Hj`` their high bytes.
+    """
+    c = code.detach().to("cpu", torch.float32).reshape(-1)
+    h = c.half()
+    if c.numel() != 16 or not torch.isfinite(h).all():
+        return None
+    if ((h.float() - c).abs() > 1e-3 * c.abs()).any():  # values outside float16's normal range
+        return None
+    bits = [v & 0xFFFF for v in h.view(torch.int16).tolist()]
+    planes = []
+    for shift in (0, 8):
+        for j in range(4):
+            word = sum(((bits[4 * j + t] >> shift) & 0xFF) << (8 * t) for t in range(4))
+            planes.append(struct.unpack("<i", struct.pack("<I", word))[0])
+    return tuple(planes)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _word_values(w, code_ptr, t0, t1, t2, t3, t4, t5, t6, t7, LOOKUP_ASM: tl.constexpr):
+        """The 8 code values (float32, element order) of the 32-bit words ``w``."""
+        if LOOKUP_ASM:
+            return tl.inline_asm_elementwise(
+                _LOOKUP_ASM, "=f,=f,=f,=f,=f,=f,=f,=f,r,r,r,r,r,r,r,r,r",
+                [w, t0, t1, t2, t3, t4, t5, t6, t7], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+        else:
+            return (tl.load(code_ptr + ((w >> 4) & 15)), tl.load(code_ptr + (w & 15)),
+                    tl.load(code_ptr + ((w >> 12) & 15)), tl.load(code_ptr + ((w >> 8) & 15)),
+                    tl.load(code_ptr + ((w >> 20) & 15)), tl.load(code_ptr + ((w >> 16) & 15)),
+                    tl.load(code_ptr + ((w >> 28) & 15)), tl.load(code_ptr + ((w >> 24) & 15)))
+
+    @triton.jit
+    def _x_part(x_row, c, i, ok, P: tl.constexpr):
+        """x values at element position ``P`` of each word: ``x[32 c + 8 i + P]`` as float32 [C, 4]."""
+        return tl.load(x_row + c[:, None] * 32 + i[None, :] * 8 + P, mask=ok[:, None], other=0).to(tl.float32)
+
+    @triton.jit
+    def _load_group(w_ptr, absmax_ptr, nested_absmax_ptr, n, c, i, c_ok, kblk, row_words, blocks_per_row, N,
+                    NESTED: tl.constexpr, NESTED_BS: tl.constexpr, INT64: tl.constexpr):
+        """Weight words [R, C, 4] of rows ``n`` and their blocks' absmax (uint8 + nested absmax, or float32)."""
+        n_ok = n < N
+        if INT64:
+            n = n.to(tl.int64)
+        ok = n_ok[:, None] & c_ok[None, :]
+        words = tl.load(w_ptr + (n[:, None, None] * row_words + c[None, :, None] * 4 + i[None, None, :]),
+                        mask=ok[:, :, None], other=0)
+        blk = n[:, None] * blocks_per_row + kblk[None, :]
+        if NESTED:
+            qa = tl.load(absmax_ptr + blk, mask=ok, other=0)
+            nab = tl.load(nested_absmax_ptr + blk // NESTED_BS, mask=ok, other=0)
+        else:
+            qa = tl.load(absmax_ptr + blk, mask=ok, other=0)
+            nab = qa
+        return words, qa, nab
+
+    @triton.jit(do_not_specialize=["t0", "t1", "t2", "t3", "t4", "t5", "t6", "t7"])
+    def _nf4_gemv_rows_kernel(
+        x_ptr, w_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, bias_ptr, y_ptr,
+        N, K, t0, t1, t2, t3, t4, t5, t6, t7,
+        HALF_BS: tl.constexpr, C: tl.constexpr, R: tl.constexpr, NESTED: tl.constexpr, NESTED_BS: tl.constexpr,
+        HAS_BIAS: tl.constexpr, LOOKUP_ASM: tl.constexpr, EVEN_K: tl.constexpr, INT64: tl.constexpr,
+        PREFETCH: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        n_prog = tl.num_programs(0)
+        c = tl.arange(0, C)  # 16-byte chunk of a row
+        i = tl.arange(0, 4)  # 32-bit word within the chunk
+        r = tl.arange(0, R)
+        row_words = tl.multiple_of(K // 8, 4)  # K is a multiple of the blocksize (>= 32)
+        if EVEN_K:
+            c_ok = c < C
+        else:
+            c_ok = c * 32 < K
+        x0 = _x_part(x_ptr, c, i, c_ok, 0)
+        x1 = _x_part(x_ptr, c, i, c_ok, 1)
+        x2 = _x_part(x_ptr, c, i, c_ok, 2)
+        x3 = _x_part(x_ptr, c, i, c_ok, 3)
+        x4 = _x_part(x_ptr, c, i, c_ok, 4)
+        x5 = _x_part(x_ptr, c, i, c_ok, 5)
+        x6 = _x_part(x_ptr, c, i, c_ok, 6)
+        x7 = _x_part(x_ptr, c, i, c_ok, 7)
+        blocks_per_row = K // (2 * HALF_BS)
+        kblk = (c * 16) // HALF_BS  # quantization block of each chunk within its row
+        step = n_prog * R
+        # software pipelining in registers: the weight words and absmax of the next PREFETCH groups are
+        # in flight while this group is computed (ptxas issues a prefetch late in the loop body, so
+        # two groups ahead keep a whole group's compute between a load and its use)
+        words, qa, nab = _load_group(w_ptr, absmax_ptr, nested_absmax_ptr, pid * R + r, c, i, c_ok, kblk, row_words,
+                                     blocks_per_row, N, NESTED, NESTED_BS, INT64)
+        if PREFETCH >= 2:
+            b_words, b_qa, b_nab = _load_group(w_ptr, absmax_ptr, nested_absmax_ptr, pid * R + step + r, c, i, c_ok,
+                                               kblk, row_words, blocks_per_row, N, NESTED, NESTED_BS, INT64)
+        for n0 in range(pid * R, N, step):
+            if PREFETCH >= 1:
+                nx_words, nx_qa, nx_nab = _load_group(w_ptr, absmax_ptr, nested_absmax_ptr, n0 + PREFETCH * step + r, c,
+                                                      i, c_ok, kblk, row_words, blocks_per_row, N, NESTED, NESTED_BS,
+                                                      INT64)
+            else:
+                words, qa, nab = _load_group(w_ptr, absmax_ptr, nested_absmax_ptr, n0 + r, c, i, c_ok, kblk, row_words,
+                                             blocks_per_row, N, NESTED, NESTED_BS, INT64)
+            v0, v1, v2, v3, v4, v5, v6, v7 = _word_values(words, code_ptr, t0, t1, t2, t3, t4, t5, t6, t7, LOOKUP_ASM)
+            dot = v0 * x0[None] + v1 * x1[None] + v2 * x2[None] + v3 * x3[None]
+            dot += v4 * x4[None] + v5 * x5[None] + v6 * x6[None] + v7 * x7[None]
+            chunk = tl.sum(dot, axis=2)  # [R, C]
+            if NESTED:
+                absmax = tl.load(nested_code_ptr + qa) * nab + tl.load(offset_ptr)
+            else:
+                absmax = qa
+            y = tl.sum(chunk * absmax, axis=1)  # [R]
+            n = n0 + r
+            n_ok = n < N
+            if HAS_BIAS:
+                y += tl.load(bias_ptr + n, mask=n_ok, other=0).to(tl.float32)
+            tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+            if PREFETCH >= 2:
+                words, qa, nab = b_words, b_qa, b_nab
+                b_words, b_qa, b_nab = nx_words, nx_qa, nx_nab
+            elif PREFETCH == 1:
+                words, qa, nab = nx_words, nx_qa, nx_nab
+
+    _LOOKUP_ASM = tl.constexpr(_lookup_asm())
+
+
+#: Launch parameters of the rows kernel, by the row length of the weight in bytes (K/2, H100 sweep in
+#: docs/benchmarks.md): ``(largest K/2, rows per step, warps, programs per SM, groups prefetched)``;
+#: the last entry covers longer rows.
+ROWS_CONFIGS = [(2048, 2, 4, 4, 2), (1 << 62, 2, 16, 1, 2)]
+#: Under the interpreter each program instance costs ~2.5 ms: one program for all rows.
+INTERPRETER_ROWS = 16
+
+
+def rows_config(K: int) -> tuple[int, int, int, int]:
+    """``(rows per step, warps, programs per SM, groups prefetched)`` for rows of ``K`` elements."""
+    for limit, *config in ROWS_CONFIGS:
+        if K // 2 <= limit:
+            return tuple(config)
+    return tuple(ROWS_CONFIGS[-1][1:])
+
+
+def rows_launch(x: torch.Tensor, words: torch.Tensor, state: tuple, planes: tuple[int, ...] | None,
+                f: dict[str, Any], bias: torch.Tensor | None, out: torch.Tensor, sm_count: int,
+                r: int | None = None, num_warps: int | None = None, per_sm: int | None = None,
+                lookup_asm: bool | None = None, prefetch: int | None = None) -> tuple[tuple, list, dict]:
+    """Grid, positional arguments and launch options of the rows kernel for one row ``x`` [K]."""
+    from qconv.kernels.utils import is_interpreter
+
+    N, K = f["shape"]
+    cr, cw, cp, cf = rows_config(K)
+    interp = is_interpreter()
+    r = r or (INTERPRETER_ROWS if interp else cr)
+    num_warps = num_warps or (4 if interp else cw)
+    per_sm = per_sm or cp
+    if lookup_asm is None:
+        lookup_asm = planes is not None and not interp and x.dtype != torch.float32
+    chunks = 1 << max(0, (K // 32 - 1).bit_length())
+    groups = (N + r - 1) // r
+    grid = (max(1, min(groups, 1 if interp else sm_count * per_sm)),)
+    absmax, table, nested_code, nested_absmax, offset, nested_bs = state
+    t = planes if (planes is not None and lookup_asm) else (0,) * 8
+    args = [x, words, absmax, table, nested_code, nested_absmax, offset, bias if bias is not None else x, out, N, K, *t]
+    consts = dict(HALF_BS=f["blocksize"] // 2, C=chunks, R=r, NESTED=f["nested"], NESTED_BS=nested_bs,
+                  HAS_BIAS=bias is not None, LOOKUP_ASM=bool(lookup_asm), EVEN_K=chunks * 32 == K,
+                  INT64=N * K // 2 >= 2**31, PREFETCH=cf if prefetch is None else int(prefetch))
+    return grid, args, dict(consts, num_warps=num_warps)
+
+
+def gemv_rows(x: torch.Tensor, words: torch.Tensor, state: tuple, planes: tuple[int, ...] | None,
+              f: dict[str, Any], bias: torch.Tensor | None, out: torch.Tensor | None = None,
+              sm_count: int = 132, **params) -> torch.Tensor:
+    """``out`` [N] = dequantized W [N, K] @ ``x`` [K] (+ bias) through Triton's launcher."""
+    if out is None:
+        out = torch.empty(f["shape"][0], dtype=x.dtype, device=x.device)
+    grid, args, kw = rows_launch(x, words, state, planes, f, bias, out, sm_count, **params)
+    _nf4_gemv_rows_kernel[grid](*args, **kw)
+    return out

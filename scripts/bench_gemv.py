@@ -1,0 +1,174 @@
+"""Focused GPU benchmark of the NF4 GEMV (``matmul_nf4`` with few rows) against bitsandbytes, with a sweep.
+
+    python scripts/bench_gemv.py [--sweep] [--seconds 200] [--json OUT.json]
+
+``--sweep`` first times the ``rows`` kernel's launch parameters (rows per step, warps, programs per SM,
+code lookup) for the two Llama MLP shapes: every config is checked against the float64 reference
+(configs that are wrong are skipped loudly) and timed as GPU time (CUDA-graph replay); the fastest
+checked config per shape becomes the default for the rest of the run. The table then compares
+``matmul_nf4`` and ``bitsandbytes.matmul_4bit`` side by side: ``ms`` = ``triton.testing.do_bench``
+median of the eager Python call (L2 flushed), ``ms_graph`` = CUDA-graph replay (GPU time),
+``host_us`` = host time per back-to-back call (helpers of ``bench_kernels_nf4.py``), GB/s counted as
+packed weight + absmax + x + y, over a device-to-device copy measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).parent
+SHAPES = {"14336x4096": (14336, 4096), "4096x14336": (4096, 14336), "4096x4096": (4096, 4096), "1024x4096": (1024, 4096)}
+SWEEP_SHAPES = ("14336x4096", "4096x14336")
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def sweep_configs(K: int) -> list[dict]:
+    """Candidate launch parameters of the rows kernel for rows of K elements."""
+    if K <= 4096:
+        grid = itertools.product((1, 2, 4), (2, 4, 8), (2, 3, 4, 6), (1, 2))
+    else:
+        grid = itertools.product((1, 2, 4), (8, 16), (1, 2), (1, 2))
+    out = [dict(r=r, num_warps=w, per_sm=p, prefetch=f, lookup_asm=True) for r, w, p, f in grid]
+    out += [dict(r=2, num_warps=4 if K <= 4096 else 16, per_sm=4 if K <= 4096 else 1, prefetch=2, lookup_asm=False)]
+    return out
+
+
+def sweep(nf4, deadline: float) -> list[dict]:
+    from qconv.kernels import nf4_dequantize as nd
+    from qconv.kernels import nf4_gemv as ng
+
+    rows = []
+    sm = torch.cuda.get_device_properties(0).multi_processor_count
+    for case in SWEEP_SHAPES:
+        n, k = SHAPES[case]
+        packed, qs = nf4._quantized(n, k, "cuda")
+        f = nd._state_fields(qs)
+        words = nd._packed_bytes(packed, f["numel"]).view(torch.int32)
+        state = nd.state_tensors(qs, f, packed.device, False)
+        planes = ng.code_planes(qs.code)
+        w_ref = nd.dequantize_nf4_reference(packed, qs, torch.float32).double()
+        for dtype in (torch.bfloat16, torch.float16):
+            x = torch.randn(k, device="cuda", dtype=dtype)
+            ref = x.double() @ w_ref.t()
+            out = torch.empty(n, device="cuda", dtype=dtype)
+            for cfg in sweep_configs(k) if dtype == torch.bfloat16 else []:
+                if time.time() > deadline:
+                    log("sweep: out of time")
+                    return rows
+                label = f"{case} " + " ".join(f"{a}={b}" for a, b in cfg.items())
+                run = lambda: ng.gemv_rows(x, words, state, planes, f, None, out, sm, **cfg)  # noqa: E731
+                err = nf4._safe(log, label, lambda: nf4._rel_err(run(), ref))
+                if err is None or not err < 5e-3:
+                    log(f"  {label}: SKIPPED, wrong or failed (rel_err {err})")
+                    continue
+                ms = nf4._safe(log, label, lambda: nf4._graph_bench(run))
+                if ms:
+                    rows.append(dict(section="sweep rows kernel", case=case, impl=label[len(case) + 1:], ms_graph=round(ms, 5),
+                                     check=f"rel_err={err:.1e}", k=k, params=cfg))
+                    log(f"  {label}: {ms:.5f} ms (rel_err {err:.1e})")
+    return rows
+
+
+def apply_sweep(rows: list[dict]) -> dict:
+    """Make the fastest checked asm config per shape the module default (ROWS_CONFIGS)."""
+    from qconv.kernels import nf4_gemv as ng
+
+    chosen = {}
+    for k in sorted({r["k"] for r in rows}):
+        cands = [r for r in rows if r["k"] == k and r["params"]["lookup_asm"]]
+        if cands:
+            best = min(cands, key=lambda r: r["ms_graph"])
+            p = best["params"]
+            chosen[k] = (p["r"], p["num_warps"], p["per_sm"], p["prefetch"])
+    if chosen:
+        ks = sorted(chosen)
+        ng.ROWS_CONFIGS[:] = [(k // 2, *chosen[k]) for k in ks[:-1]] + [(1 << 62, *chosen[ks[-1]])]
+    return {str(k): v for k, v in chosen.items()}
+
+
+def bench(nf4, copy_gbps: float) -> list[dict]:
+    import bitsandbytes as bnb
+
+    from qconv.kernels import matmul_nf4
+    from qconv.kernels import nf4_dequantize as nd
+
+    rows = []
+    for case, (n, k) in SHAPES.items():
+        packed, qs = nf4._quantized(n, k, "cuda")
+        w_ref = nd.dequantize_nf4_reference(packed, qs, torch.float32).double()
+        big = case in SWEEP_SHAPES
+        for m, dtype in [(1, torch.bfloat16)] + ([(2, torch.bfloat16), (4, torch.bfloat16), (1, torch.float16)] if big else []):
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            ref = x.double() @ w_ref.t()
+            nbytes = packed.numel() + qs.absmax.numel() + dtype.itemsize * m * (n + k)
+            label = f"{case} M={m} {str(dtype)[6:]}"
+            for impl, fn in [("qconv", lambda: matmul_nf4(x, packed, qs)),
+                             ("bitsandbytes", lambda: bnb.matmul_4bit(x, packed.t(), qs))]:
+                err = nf4._safe(log, f"{label} {impl}", lambda: nf4._rel_err(fn(), ref))
+                t = nf4._safe(log, f"{label} {impl}", lambda: nf4.measure(fn))
+                if t:
+                    r = nf4._row("gemv", label, impl, t, nbytes, copy_gbps,
+                                 check=f"rel_err={err:.1e}" if err is not None else None)
+                    rows.append(r)
+                    log(f"  {r}")
+    return nf4._with_ratios(rows)
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    cols = [c for c in cols if any(r.get(c) is not None for r in rows)]
+    text = [["" if r.get(c) is None else str(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(t[i]) for t in text)) for i, c in enumerate(cols)]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(cols, widths)), "-+-".join("-" * w for w in widths)]
+    return "\n".join(lines + [" | ".join(v.ljust(w) for v, w in zip(t, widths)) for t in text])
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sweep", action="store_true", help="sweep the rows kernel's launch parameters first")
+    ap.add_argument("--seconds", type=float, default=200.0, help="time budget of the sweep")
+    ap.add_argument("--json", help="write rows, chosen defaults and the environment here")
+    args = ap.parse_args(argv)
+    start = time.time()
+    nf4 = _load("bench_kernels_nf4")
+    env = nf4.environment()
+    log(json.dumps(env))
+    copy_gbps = nf4.copy_bandwidth("cuda")
+    out: dict = {"environment": env, "copy_gbps": copy_gbps, "rows": [], "chosen": {}}
+    swept = sweep(nf4, start + args.seconds) if args.sweep else []
+    out["chosen"] = apply_sweep(swept)
+    out["rows"] += swept
+    from qconv.kernels import nf4_gemv as ng
+
+    log(f"rows kernel configs: {ng.ROWS_CONFIGS}")
+    rows = bench(nf4, copy_gbps)
+    out["rows"] += rows
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+    print(json.dumps(env))
+    print(f"copy {copy_gbps:.0f} GB/s; rows kernel configs {ng.ROWS_CONFIGS}")
+    if swept:
+        print(table(sorted(swept, key=lambda r: (r["case"], r["ms_graph"])), ["case", "impl", "ms_graph", "check"]))
+    print(table(rows, ["case", "impl", "ms", "ms_graph", "host_us", "gbps_graph", "frac_copy_graph",
+                       "speedup_vs_bnb", "speedup_vs_bnb_graph", "check"]))
+
+
+if __name__ == "__main__":
+    main()
