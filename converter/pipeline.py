@@ -48,9 +48,7 @@ def write_tensors(
     out_bytes = {t.source_name: estimate_output_bytes(t.action, checkpoint.infos[t.source_name].numel, t.dtype, settings)
                  for t in todo}
     writer = ShardWriter(out_dir, max_shard_bytes, expected_total=sum(out_bytes.values()))
-    # Tensors that fill a shard on their own (embeddings, lm_head) go first: a shard's sha256 takes ~1 s per GB
-    # on one core, and the last shard's is the part of the run that nothing else overlaps.
-    todo.sort(key=lambda t: t.action != QUANTIZE and out_bytes[t.source_name] >= writer.target_bytes, reverse=True)
+    todo = spread_large_kept(todo, lambda t: t.action != QUANTIZE and out_bytes[t.source_name] >= writer.target_bytes)
     read_times = dict(READ_TIMES)
     params = quantized = kept = 0
     bar = tqdm(total=source_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="qconv convert",
@@ -140,6 +138,26 @@ def write_tensors(
                     **{f"reader_{k}": round(v - read_times[k], 3) for k, v in READ_TIMES.items()}},
     }
     return stats, dict(written.files)
+
+
+def spread_large_kept(todo: list, is_large: Callable[[Any], bool]) -> list:
+    """Reorder so that tensors filling a shard on their own (embeddings, lm_head) are spread evenly over the
+    run, the first at its start: a shard's sha256 takes ~1 s per GB on one core and the last shard's is
+    the part of the run nothing else overlaps (lm_head comes last in most checkpoints), while two such
+    tensors in flight at once would add their size to peak host memory. The rest keeps its order."""
+    large = [t for t in todo if is_large(t)]
+    if not large:
+        return todo
+    rest = [t for t in todo if not is_large(t)]
+    slots: dict[int, list] = {}
+    for k, t in enumerate(large):
+        slots.setdefault(round(k * len(rest) / len(large)), []).append(t)
+    out: list = []
+    for i in range(len(rest) + 1):
+        out.extend(slots.get(i, ()))
+        if i < len(rest):
+            out.append(rest[i])
+    return out
 
 
 def estimate_output_bytes(action: str, numel: int, dtype: torch.dtype | None, settings: QuantSettings) -> int:

@@ -259,3 +259,12 @@ def test_host_blocks_hold_device_tensor_copies(monkeypatch):
     blocks.give(shard.blocks)
     assert len(blocks._free) == 3  # the dedicated buffer is not kept
     assert blocks.take() is shard.blocks[-1]
+
+
+def test_large_kept_tensors_are_spread_over_the_run_first_at_the_start():
+    from qconv.converter.pipeline import spread_large_kept
+
+    order = spread_large_kept(list("EabcdefghL"), lambda t: t in "EL")
+    assert order == list("EabcdLefgh")  # lm_head (last in the file) no longer ends the run
+    assert spread_large_kept(list("abc"), lambda t: False) == list("abc")
+    assert sorted(spread_large_kept(list("ELM"), lambda t: True)) == list("ELM")  # nothing lost or doubled
