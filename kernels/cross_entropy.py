@@ -26,7 +26,7 @@ import triton.language as tl
 
 from qconv.errors import QconvError
 from qconv.kernels.inplace import bump_version, is_graph_intermediate
-from qconv.kernels.utils import _tanh, check_device, next_power_of_2
+from qconv.kernels.utils import _tanh, check_device, next_power_of_2, on_tensor_device
 
 #: Launch parameters (benchmarks may override them). grad_in_forward uses few large programs (gif_*) so
 #: that a row read by the first pass is still in L2 for the second.
@@ -235,6 +235,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         return dx, None, None, None, None, None, None, None
 
 
+@on_tensor_device
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
                   softcap: float | None = None, chunk_size: int | None = None, *, reduction: str = "mean",
                   inplace_backward: bool = True, grad_in_forward: bool = False) -> torch.Tensor:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from qconv.errors import QconvError
-from qconv.kernels.utils import FLOAT_DTYPES, is_interpreter
+from qconv.kernels.utils import FLOAT_DTYPES, is_interpreter, on_tensor_device
 
 try:  # triton is optional: without it, CPU tensors still dequantize through the PyTorch reference
     import triton
@@ -232,6 +232,7 @@ def triton_cdiv(a: int, b: int) -> int:
 # --------------------------------------------------------------------------------------------------
 # Public function
 # --------------------------------------------------------------------------------------------------
+@on_tensor_device
 def dequantize_nf4(
     packed: torch.Tensor, quant_state: Any, out_dtype: torch.dtype | None = None, *,
     out: torch.Tensor | None = None,

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from qconv.errors import QconvError
 from qconv.kernels.inplace import ensure_calibrated, grad_is_exclusive
-from qconv.kernels.utils import check_device, next_power_of_2
+from qconv.kernels.utils import check_device, next_power_of_2, on_tensor_device
 
 MAX_COLS = 65536
 #: Launch parameters (benchmarks may override them): elements per forward tile, backward programs per SM.
@@ -189,6 +189,7 @@ class RMSNormFunction(torch.autograd.Function):
         return dx.view(ctx.x_shape), dw, None, None, None, None
 
 
+@on_tensor_device
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0, *,
              casting: str | None = None) -> torch.Tensor:
     """RMSNorm over the last dimension of ``x`` with weight ``offset + weight`` (Gemma: ``offset=1.0``).

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from qconv.errors import QconvError
 from qconv.kernels.inplace import bump_version, ensure_calibrated, grad_is_exclusive, is_dense, is_graph_intermediate
-from qconv.kernels.utils import check_device, next_power_of_2
+from qconv.kernels.utils import check_device, next_power_of_2, on_tensor_device
 
 #: Launch parameters (benchmarks may override them).
 TUNING = {"block_s": 1, "block_h": 16, "num_warps": 4}  # positions per program, heads per step, warps (H100 sweep)
@@ -179,6 +179,7 @@ class RoPEFunction(torch.autograd.Function):
         return dq_out, dk_out, None, None, None
 
 
+@on_tensor_device
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
                inplace: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q and k (transformers' layout and ``rotate_half`` convention); returns ``(q_out, k_out)``.

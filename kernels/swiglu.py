@@ -17,7 +17,7 @@ import triton.language as tl
 
 from qconv.errors import QconvError
 from qconv.kernels.inplace import bump_version, ensure_calibrated, grad_is_exclusive, is_graph_intermediate
-from qconv.kernels.utils import _tanh, check_device, next_power_of_2
+from qconv.kernels.utils import _tanh, check_device, next_power_of_2, on_tensor_device
 
 SILU, GELU_TANH, GELU_ERF = 0, 1, 2
 _GELU = {"tanh": GELU_TANH, "none": GELU_ERF}
@@ -178,11 +178,13 @@ def _reusable_layout(t: torch.Tensor) -> bool:
     return t2.stride(-1) == 1 and t2.data_ptr() == t.data_ptr() and t2.stride(0) >= t2.shape[-1]
 
 
+@on_tensor_device
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, inplace_backward: bool = True) -> torch.Tensor:
     """``silu(gate) * up``, differentiable in both (see the module docstring for memory reuse)."""
     return _gated(gate, up, SILU, inplace_backward, "swiglu")
 
 
+@on_tensor_device
 def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh", *,
           inplace_backward: bool = True) -> torch.Tensor:
     """``gelu(gate, approximate) * up`` with ``approximate`` "tanh" (gelu_pytorch_tanh) or "none" (erf)."""

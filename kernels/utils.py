@@ -83,6 +83,26 @@ def ensure_contiguous(fn: Callable) -> Callable:
     return wrapper
 
 
+def on_tensor_device(fn: Callable) -> Callable:
+    """Decorator: run ``fn`` with its first tensor argument's GPU as the current CUDA device.
+
+    Triton launches on the current device, and with ``device_map`` over several GPUs a layer's inputs
+    live on a GPU that is not the current one (accelerate's hooks move tensors, not the device).
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                if a.is_cuda and a.device.index != torch.cuda.current_device():
+                    with torch.cuda.device(a.device):
+                        return fn(*args, **kwargs)
+                break
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
 @triton.jit
 def _tanh(x):
     """tanh in float32 from one exp (never overflows)."""
