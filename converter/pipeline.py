@@ -135,7 +135,8 @@ def write_tensors(
         "device": str(device),
         "model_class": plan.model_class,
         "timings": {"loop_s": round(time.perf_counter() - loop_start, 3), **{k: round(v, 3) for k, v in waits.items()},
-                    **{f"reader_{k}": round(v - read_times[k], 3) for k, v in READ_TIMES.items()}},
+                    **{f"reader_{k}": round(v - read_times[k], 3) for k, v in READ_TIMES.items()},
+                    "writer_pinned_alloc_s": round(writer.pinned_alloc_s, 3)},
     }
     return stats, dict(written.files)
 

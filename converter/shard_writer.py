@@ -20,6 +20,7 @@ import logging
 import queue
 import re
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,16 +76,23 @@ class _HostBlocks:
     def __init__(self) -> None:
         self._free: list[torch.Tensor] = []
         self._lock = threading.Lock()
+        self.alloc_s = 0.0  # time spent allocating pinned memory (a diagnostic for the run's stats)
 
     def take(self) -> torch.Tensor:
         with self._lock:
             if self._free:
                 return self._free.pop()
-        return torch.empty(HOST_BLOCK_BYTES, dtype=torch.uint8, pin_memory=True)
+        return self._pinned(HOST_BLOCK_BYTES)
 
     def dedicated(self, nbytes: int) -> torch.Tensor:
         """Pinned memory for one tensor larger than a block (not kept for reuse)."""
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        return self._pinned(nbytes)
+
+    def _pinned(self, nbytes: int) -> torch.Tensor:
+        t0 = time.perf_counter()
+        block = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        self.alloc_s += time.perf_counter() - t0
+        return block
 
     def give(self, blocks: list[torch.Tensor]) -> None:
         with self._lock:
@@ -183,6 +191,11 @@ class ShardWriter:
             self._raise_if_failed()
         self._raise_if_failed()
         self._queue.put(shard)
+
+    @property
+    def pinned_alloc_s(self) -> float:
+        """Seconds spent allocating pinned host blocks so far."""
+        return self._blocks.alloc_s
 
     def finish(self, total_parameters: int | None = None) -> WrittenShards:
         """Write the last shard, wait for all writes and hashes, name the files, and write the index."""
