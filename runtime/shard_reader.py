@@ -108,7 +108,8 @@ class RingUploader:
     ``jobs`` maps each shard path to ``[(entry, flat uint8 destination)]``. ``threads`` workers read chunks
     of ``chunk_bytes`` into a ring of ``buffers`` staging buffers (pinned when CUDA is used); a buffer is
     reused only after the asynchronous copies out of it have finished. Call :meth:`wait` to join and
-    re-raise the first error.
+    re-raise the first error. ``own_ring=False`` takes the buffers from torch's pinned allocator instead
+    of a mapping of our own (kept for A/B timing; that memory stays cached in torch after the read).
     """
 
     def __init__(
@@ -118,6 +119,7 @@ class RingUploader:
         threads: int = 8,
         buffers: int = 8,
         chunk_bytes: int = 32 << 20,
+        own_ring: bool = True,
     ) -> None:
         import torch
 
@@ -126,7 +128,7 @@ class RingUploader:
         self._cuda = any(d.is_cuda for js in jobs.values() for _, d in js)
         n_buffers = max(1, min(buffers, len(self._chunks)))
         size = max((c.end - c.begin for c in self._chunks), default=0)
-        self._ring = _HostRing(n_buffers, size, pin=self._cuda)
+        self._ring = _HostRing(n_buffers, size, pin=self._cuda, own_mapping=own_ring)
         self._free: queue.Queue = queue.Queue()
         for buf in self._ring.buffers:
             self._free.put((buf, []))
@@ -224,11 +226,14 @@ class _HostRing:
     come from torch's pinned allocator instead.
     """
 
-    def __init__(self, count: int, size: int, *, pin: bool) -> None:
+    def __init__(self, count: int, size: int, *, pin: bool, own_mapping: bool = True) -> None:
         import torch
 
         self._map: mmap.mmap | None = None
         self._registered = False
+        if not own_mapping:
+            self.buffers = [torch.empty(size, dtype=torch.uint8, pin_memory=pin) for _ in range(count)]
+            return
         stride = -(-max(size, 1) // mmap.PAGESIZE) * mmap.PAGESIZE
         self._map = mmap.mmap(-1, stride * count, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         whole = torch.frombuffer(self._map, dtype=torch.uint8)

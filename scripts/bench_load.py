@@ -17,7 +17,10 @@ NF4 with double quant on the GPU (``--small``: a tiny Llama on the CPU), plus it
 Reported per run: import seconds (the pre-imports), load seconds (the call), their total (process start to
 model ready), the load's peak host RSS (the child's VmHWM right after the load, before the logits check runs a
 forward pass), the whole child's peak host RSS (``os.wait4``, forward pass included), peak GPU memory
-(allocated, reserved). qconv's logits for a short
+(allocated, reserved), and the seconds the cyclic garbage collector ran during the load. Pre-importing
+methods run ``gc.collect()`` at the end of their import phase: a full collection over the freshly imported
+torch/transformers objects takes ~0.25 s on the H100 machine and otherwise lands in whichever load happens
+to allocate next (both qconv and transformers rows were hit at random before). qconv's logits for a short
 prompt (patches undone) must equal transformers' (pre-quantized, bf16) exactly. Results: a table on stdout, JSON and
 Markdown under --out.
 """
@@ -174,13 +177,15 @@ def _vm_hwm_gib() -> float | None:
 def child(method: str, base: Path, small: bool, result: Path) -> None:
     """One load. ``qconv`` starts cold (import qconv.runtime only); every other method pre-imports the stack
     (counted as import_s) so that load_s compares the loads themselves."""
+    import gc
+
     t0 = time.perf_counter()
     if method != "qconv":
         _preimport()
     if method.startswith("qconv"):
         from qconv.runtime import from_pretrained
-    import gc
-
+    if method != "qconv":
+        gc.collect()  # the imports' garbage-collector debt is paid here, not by whichever load allocates next
     gc_s = [0.0, 0.0]  # time in the cyclic garbage collector during the load (diagnostic)
 
     def _gc_timer(phase: str, info: dict) -> None:

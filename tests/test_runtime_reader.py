@@ -55,13 +55,13 @@ def test_read_direct_is_byte_exact(shard):
         assert torch.equal(as_typed(header.tensors[name], raw), ref[name]), name
 
 
-@pytest.mark.parametrize("chunk_bytes", [64, 1000, 1 << 20])
-def test_ring_uploader_is_byte_exact(shard, chunk_bytes):
-    """Small chunks split tensors across reads and buffers; the result must still be exact."""
+@pytest.mark.parametrize("chunk_bytes,own_ring", [(64, True), (1000, True), (1 << 20, True), (1000, False)])
+def test_ring_uploader_is_byte_exact(shard, chunk_bytes, own_ring):
+    """Small chunks split tensors across reads and buffers; the result must still be exact (either ring)."""
     header = read_header(shard)
     dests = _dests(header)
     jobs = {shard: [(header.tensors[n], d) for n, d in dests.items() if n != "b.weight"]}  # leave a gap
-    RingUploader(jobs, threads=3, buffers=2, chunk_bytes=chunk_bytes).wait()
+    RingUploader(jobs, threads=3, buffers=2, chunk_bytes=chunk_bytes, own_ring=own_ring).wait()
     ref = load_file(str(shard))
     for name, raw in dests.items():
         if name != "b.weight":
