@@ -6,6 +6,8 @@ depend on the converter. Logits must be bit-identical with patch=False.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -86,6 +88,12 @@ def test_quantized_modules_and_attributes(quantized_checkpoint_factory):
     assert not model.training
     assert model.hf_device_map == {"": "cpu"}
     assert all(p.device.type == "cpu" for p in model.parameters())
+    rss = model._qconv["rss_mib"]  # [VmRSS, VmHWM] MiB at each phase mark (Linux)
+    if sys.platform.startswith("linux"):
+        assert list(rss)[0] == "start" and {"headers", "skeleton", "read_done", "filled", "tokenizer", "patched"} <= set(rss)
+        assert all(0 < now <= peak for now, peak in rss.values())
+        peaks = [peak for name, (_, peak) in rss.items() if name != "reading_started"]  # that one: another thread
+        assert peaks == sorted(peaks)  # a high-water mark never falls
 
 
 def test_tied_embeddings_share_storage(quantized_checkpoint_factory):
