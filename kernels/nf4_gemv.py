@@ -144,7 +144,7 @@ if HAS_TRITON:
         N, K, t0, t1, t2, t3, t4, t5, t6, t7,
         HALF_BS: tl.constexpr, C: tl.constexpr, R: tl.constexpr, NESTED: tl.constexpr, NESTED_BS: tl.constexpr,
         HAS_BIAS: tl.constexpr, LOOKUP_ASM: tl.constexpr, EVEN_K: tl.constexpr, INT64: tl.constexpr,
-        PREFETCH: tl.constexpr,
+        PREFETCH: tl.constexpr, STAGES: tl.constexpr = 1,
     ):
         pid = tl.program_id(0)
         n_prog = tl.num_programs(0)
@@ -167,15 +167,16 @@ if HAS_TRITON:
         blocks_per_row = K // (2 * HALF_BS)
         kblk = (c * 16) // HALF_BS  # quantization block of each chunk within its row
         step = n_prog * R
-        # software pipelining in registers: the weight words and absmax of the next PREFETCH groups are
-        # in flight while this group is computed (ptxas issues a prefetch late in the loop body, so
-        # two groups ahead keep a whole group's compute between a load and its use)
-        words, qa, nab = _load_group(w_ptr, absmax_ptr, nested_absmax_ptr, pid * R + r, c, i, c_ok, kblk, row_words,
-                                     blocks_per_row, N, NESTED, NESTED_BS, INT64)
+        # Keeping enough bytes in flight: either Triton's pipeliner (STAGES > 1: the loop's loads become
+        # cp.async copies into shared memory, STAGES - 1 groups ahead) or a prefetch in registers
+        # (PREFETCH groups ahead; ptxas issues those loads late in the loop body).
+        if PREFETCH >= 1:
+            words, qa, nab = _load_group(w_ptr, absmax_ptr, nested_absmax_ptr, pid * R + r, c, i, c_ok, kblk,
+                                         row_words, blocks_per_row, N, NESTED, NESTED_BS, INT64)
         if PREFETCH >= 2:
             b_words, b_qa, b_nab = _load_group(w_ptr, absmax_ptr, nested_absmax_ptr, pid * R + step + r, c, i, c_ok,
                                                kblk, row_words, blocks_per_row, N, NESTED, NESTED_BS, INT64)
-        for n0 in range(pid * R, N, step):
+        for n0 in tl.range(pid * R, N, step, num_stages=STAGES):
             if PREFETCH >= 1:
                 nx_words, nx_qa, nx_nab = _load_group(w_ptr, absmax_ptr, nested_absmax_ptr, n0 + PREFETCH * step + r, c,
                                                       i, c_ok, kblk, row_words, blocks_per_row, N, NESTED, NESTED_BS,
@@ -207,15 +208,15 @@ if HAS_TRITON:
 
 
 #: Launch parameters of the rows kernel, by the row length of the weight in bytes (K/2, H100 sweep in
-#: docs/benchmarks.md): ``(largest K/2, rows per step, warps, programs per SM, groups prefetched)``;
-#: the last entry covers longer rows.
-ROWS_CONFIGS = [(2048, 2, 4, 4, 2), (1 << 62, 2, 16, 1, 2)]
+#: docs/benchmarks.md): ``(largest K/2, rows per step, warps, programs per SM, groups prefetched in
+#: registers, pipeline stages)``; the last entry covers longer rows.
+ROWS_CONFIGS = [(2048, 2, 4, 4, 0, 3), (1 << 62, 2, 16, 1, 0, 3)]
 #: Under the interpreter each program instance costs ~2.5 ms: one program for all rows.
 INTERPRETER_ROWS = 16
 
 
 def rows_config(K: int) -> tuple[int, int, int, int]:
-    """``(rows per step, warps, programs per SM, groups prefetched)`` for rows of ``K`` elements."""
+    """``(rows per step, warps, programs per SM, groups prefetched, stages)`` for rows of ``K`` elements."""
     for limit, *config in ROWS_CONFIGS:
         if K // 2 <= limit:
             return tuple(config)
@@ -225,12 +226,13 @@ def rows_config(K: int) -> tuple[int, int, int, int]:
 def rows_launch(x: torch.Tensor, words: torch.Tensor, state: tuple, planes: tuple[int, ...] | None,
                 f: dict[str, Any], bias: torch.Tensor | None, out: torch.Tensor, sm_count: int,
                 r: int | None = None, num_warps: int | None = None, per_sm: int | None = None,
-                lookup_asm: bool | None = None, prefetch: int | None = None) -> tuple[tuple, list, dict]:
+                lookup_asm: bool | None = None, prefetch: int | None = None,
+                stages: int | None = None) -> tuple[tuple, list, dict]:
     """Grid, positional arguments and launch options of the rows kernel for one row ``x`` [K]."""
     from qconv.kernels.utils import is_interpreter
 
     N, K = f["shape"]
-    cr, cw, cp, cf = rows_config(K)
+    cr, cw, cp, cf, cs = rows_config(K)
     interp = is_interpreter()
     r = r or (INTERPRETER_ROWS if interp else cr)
     num_warps = num_warps or (4 if interp else cw)
@@ -245,7 +247,8 @@ def rows_launch(x: torch.Tensor, words: torch.Tensor, state: tuple, planes: tupl
     args = [x, words, absmax, table, nested_code, nested_absmax, offset, bias if bias is not None else x, out, N, K, *t]
     consts = dict(HALF_BS=f["blocksize"] // 2, C=chunks, R=r, NESTED=f["nested"], NESTED_BS=nested_bs,
                   HAS_BIAS=bias is not None, LOOKUP_ASM=bool(lookup_asm), EVEN_K=chunks * 32 == K,
-                  INT64=N * K // 2 >= 2**31, PREFETCH=cf if prefetch is None else int(prefetch))
+                  INT64=N * K // 2 >= 2**31, PREFETCH=cf if prefetch is None else int(prefetch),
+                  STAGES=1 if interp else (cs if stages is None else int(stages)))
     return grid, args, dict(consts, num_warps=num_warps)
 
 

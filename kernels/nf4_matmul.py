@@ -200,7 +200,7 @@ class _GemvPlan:
         grid, args, kw = rows_launch(x, self.words, self.state, self.planes, self.f, bias, y, self.sm_count)
         compiled = _nf4_gemv_rows_kernel[grid](*args, **kw)
         if x.is_cuda and not torch.cuda.is_current_stream_capturing():
-            launcher = _direct_launcher(compiled, grid, args, x, bias, y)
+            launcher = _direct_launcher(compiled, grid, args, kw, x, bias, y)
             if launcher is not None:
                 self.launchers[key] = launcher
         return y
@@ -211,8 +211,8 @@ class _GemvPlan:
 _DIRECT_LAUNCH_OK: bool | None = None
 
 
-def _direct_launcher(compiled: Any, grid: tuple, args: list, x: torch.Tensor, bias: torch.Tensor | None,
-                     y_ref: torch.Tensor):
+def _direct_launcher(compiled: Any, grid: tuple, args: list, consts: dict, x: torch.Tensor,
+                     bias: torch.Tensor | None, y_ref: torch.Tensor):
     """A launcher that calls the compiled rows kernel directly (no per-call argument binding), or None."""
     global _DIRECT_LAUNCH_OK
     try:
@@ -221,7 +221,11 @@ def _direct_launcher(compiled: Any, grid: tuple, args: list, x: torch.Tensor, bi
     except AttributeError:  # another Triton: keep its launcher
         return None
     g0, g1, g2 = (tuple(grid) + (1, 1))[:3]
-    mid, tail = tuple(args[1:7]), tuple(args[9:])
+    names = _nf4_gemv_rows_kernel.arg_names  # every parameter, constexprs included, in signature order
+    values = dict(zip(names, args), **{k: v for k, v in consts.items() if k in names})
+    if len(values) != len(names):
+        return None
+    mid, tail = tuple(args[1:7]), tuple(values[k] for k in names[9:])
     n, dtype, device, index = y_ref.shape[0], x.dtype, x.device, x.device.index
 
     def launch(xv: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
