@@ -15,4 +15,10 @@ ln -s "$root/runtime" /tmp/qconv_path/qconv/runtime
 ln -s "$root/kernels" /tmp/qconv_path/qconv/kernels
 export PYTHONPATH=/tmp/site:/tmp/qconv_path${PYTHONPATH:+:$PYTHONPATH}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false UNSLOTH_DISABLE_STATISTICS=1 PYTHONUNBUFFERED=1
+# The image sets PYTHONDONTWRITEBYTECODE=1 and its site-packages has no bytecode cache, so every process
+# recompiled torch/transformers/bitsandbytes from source (~18 s). Keep a bytecode cache in /tmp instead,
+# as a user's machine has one; warm it once here so timings see warm imports.
+unset PYTHONDONTWRITEBYTECODE
+export PYTHONPYCACHEPREFIX=/tmp/pyc
+python3 -c "import torch, transformers, bitsandbytes, transformers.models.llama.modeling_llama; from transformers import AutoModelForCausalLM, AutoTokenizer" >/dev/null 2>&1 || true
 python3 -c "import qconv, torch; print('qconv', qconv.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
