@@ -144,7 +144,7 @@ if HAS_TRITON:
         N, K, t0, t1, t2, t3, t4, t5, t6, t7,
         HALF_BS: tl.constexpr, C: tl.constexpr, R: tl.constexpr, NESTED: tl.constexpr, NESTED_BS: tl.constexpr,
         HAS_BIAS: tl.constexpr, LOOKUP_ASM: tl.constexpr, EVEN_K: tl.constexpr, INT64: tl.constexpr,
-        PREFETCH: tl.constexpr, STAGES: tl.constexpr = 1,
+        X_ONE_LOAD: tl.constexpr,
     ):
         pid = tl.program_id(0)
         n_prog = tl.num_programs(0)
@@ -156,34 +156,37 @@ if HAS_TRITON:
             c_ok = c < C
         else:
             c_ok = c * 32 < K
-        x0 = _x_part(x_ptr, c, i, c_ok, 0)
-        x1 = _x_part(x_ptr, c, i, c_ok, 1)
-        x2 = _x_part(x_ptr, c, i, c_ok, 2)
-        x3 = _x_part(x_ptr, c, i, c_ok, 3)
-        x4 = _x_part(x_ptr, c, i, c_ok, 4)
-        x5 = _x_part(x_ptr, c, i, c_ok, 5)
-        x6 = _x_part(x_ptr, c, i, c_ok, 6)
-        x7 = _x_part(x_ptr, c, i, c_ok, 7)
         blocks_per_row = K // (2 * HALF_BS)
         kblk = (c * 16) // HALF_BS  # quantization block of each chunk within its row
         step = n_prog * R
-        # Keeping enough bytes in flight: either Triton's pipeliner (STAGES > 1: the loop's loads become
-        # cp.async copies into shared memory, STAGES - 1 groups ahead) or a prefetch in registers
-        # (PREFETCH groups ahead; ptxas issues those loads late in the loop body).
-        if PREFETCH >= 1:
-            words, qa, nab = _load_group(w_ptr, absmax_ptr, nested_absmax_ptr, pid * R + r, c, i, c_ok, kblk,
-                                         row_words, blocks_per_row, N, NESTED, NESTED_BS, INT64)
-        if PREFETCH >= 2:
-            b_words, b_qa, b_nab = _load_group(w_ptr, absmax_ptr, nested_absmax_ptr, pid * R + step + r, c, i, c_ok,
-                                               kblk, row_words, blocks_per_row, N, NESTED, NESTED_BS, INT64)
-        for n0 in tl.range(pid * R, N, step, num_stages=STAGES):
-            if PREFETCH >= 1:
-                nx_words, nx_qa, nx_nab = _load_group(w_ptr, absmax_ptr, nested_absmax_ptr, n0 + PREFETCH * step + r, c,
-                                                      i, c_ok, kblk, row_words, blocks_per_row, N, NESTED, NESTED_BS,
-                                                      INT64)
-            else:
-                words, qa, nab = _load_group(w_ptr, absmax_ptr, nested_absmax_ptr, n0 + r, c, i, c_ok, kblk, row_words,
-                                             blocks_per_row, N, NESTED, NESTED_BS, INT64)
+        # the first group's loads go out before x is read; later groups are prefetched one ahead in
+        # registers (ptxas issues those loads late in the loop body, before the row reduction)
+        words, qa, nab = _load_group(w_ptr, absmax_ptr, nested_absmax_ptr, pid * R + r, c, i, c_ok, kblk,
+                                     row_words, blocks_per_row, N, NESTED, NESTED_BS, INT64)
+        if X_ONE_LOAD:  # x in one vectorized load [C, 4, 8], then split into the 8 element positions
+            p = tl.arange(0, 8)
+            xa = tl.load(x_ptr + c[:, None, None] * 32 + i[None, :, None] * 8 + p[None, None, :],
+                         mask=c_ok[:, None, None], other=0).to(tl.float32)
+            xa = tl.reshape(xa, (C, 4, 2, 2, 2))
+            xa, xb = tl.split(xa)  # even | odd p (tl.split takes the last axis: p's lowest bit)
+            x04, x26 = tl.split(xa)
+            x15, x37 = tl.split(xb)
+            x0, x4 = tl.split(x04)
+            x2, x6 = tl.split(x26)
+            x1, x5 = tl.split(x15)
+            x3, x7 = tl.split(x37)
+        else:
+            x0 = _x_part(x_ptr, c, i, c_ok, 0)
+            x1 = _x_part(x_ptr, c, i, c_ok, 1)
+            x2 = _x_part(x_ptr, c, i, c_ok, 2)
+            x3 = _x_part(x_ptr, c, i, c_ok, 3)
+            x4 = _x_part(x_ptr, c, i, c_ok, 4)
+            x5 = _x_part(x_ptr, c, i, c_ok, 5)
+            x6 = _x_part(x_ptr, c, i, c_ok, 6)
+            x7 = _x_part(x_ptr, c, i, c_ok, 7)
+        for n0 in range(pid * R, N, step):
+            nx_words, nx_qa, nx_nab = _load_group(w_ptr, absmax_ptr, nested_absmax_ptr, n0 + step + r, c, i, c_ok,
+                                                  kblk, row_words, blocks_per_row, N, NESTED, NESTED_BS, INT64)
             v0, v1, v2, v3, v4, v5, v6, v7 = _word_values(words, code_ptr, t0, t1, t2, t3, t4, t5, t6, t7, LOOKUP_ASM)
             dot = v0 * x0[None] + v1 * x1[None] + v2 * x2[None] + v3 * x3[None]
             dot += v4 * x4[None] + v5 * x5[None] + v6 * x6[None] + v7 * x7[None]
@@ -198,25 +201,23 @@ if HAS_TRITON:
             if HAS_BIAS:
                 y += tl.load(bias_ptr + n, mask=n_ok, other=0).to(tl.float32)
             tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
-            if PREFETCH >= 2:
-                words, qa, nab = b_words, b_qa, b_nab
-                b_words, b_qa, b_nab = nx_words, nx_qa, nx_nab
-            elif PREFETCH == 1:
-                words, qa, nab = nx_words, nx_qa, nx_nab
+            words, qa, nab = nx_words, nx_qa, nx_nab
 
     _LOOKUP_ASM = tl.constexpr(_lookup_asm())
 
 
 #: Launch parameters of the rows kernel, by the row length of the weight in bytes (K/2, H100 sweep in
-#: docs/benchmarks.md): ``(largest K/2, rows per step, warps, programs per SM, groups prefetched in
-#: registers, pipeline stages)``; the last entry covers longer rows.
-ROWS_CONFIGS = [(2048, 2, 4, 4, 0, 3), (1 << 62, 2, 16, 1, 0, 3)]
+#: docs/benchmarks.md): ``(largest K/2, rows per step, warps, programs per SM)``; the last entry covers
+#: longer rows.
+ROWS_CONFIGS = [(2048, 4, 4, 2), (1 << 62, 2, 16, 1)]
+#: Read x in one vectorized load and split it (True) or in 8 strided loads (False).
+ROWS_X_ONE_LOAD = True
 #: Under the interpreter each program instance costs ~2.5 ms: one program for all rows.
 INTERPRETER_ROWS = 16
 
 
-def rows_config(K: int) -> tuple[int, int, int, int]:
-    """``(rows per step, warps, programs per SM, groups prefetched, stages)`` for rows of ``K`` elements."""
+def rows_config(K: int) -> tuple[int, int, int]:
+    """``(rows per step, warps, programs per SM)`` for rows of ``K`` elements."""
     for limit, *config in ROWS_CONFIGS:
         if K // 2 <= limit:
             return tuple(config)
@@ -226,13 +227,12 @@ def rows_config(K: int) -> tuple[int, int, int, int]:
 def rows_launch(x: torch.Tensor, words: torch.Tensor, state: tuple, planes: tuple[int, ...] | None,
                 f: dict[str, Any], bias: torch.Tensor | None, out: torch.Tensor, sm_count: int,
                 r: int | None = None, num_warps: int | None = None, per_sm: int | None = None,
-                lookup_asm: bool | None = None, prefetch: int | None = None,
-                stages: int | None = None) -> tuple[tuple, list, dict]:
+                lookup_asm: bool | None = None, x_one_load: bool | None = None) -> tuple[tuple, list, dict]:
     """Grid, positional arguments and launch options of the rows kernel for one row ``x`` [K]."""
     from qconv.kernels.utils import is_interpreter
 
     N, K = f["shape"]
-    cr, cw, cp, cf, cs = rows_config(K)
+    cr, cw, cp = rows_config(K)
     interp = is_interpreter()
     r = r or (INTERPRETER_ROWS if interp else cr)
     num_warps = num_warps or (4 if interp else cw)
@@ -247,8 +247,7 @@ def rows_launch(x: torch.Tensor, words: torch.Tensor, state: tuple, planes: tupl
     args = [x, words, absmax, table, nested_code, nested_absmax, offset, bias if bias is not None else x, out, N, K, *t]
     consts = dict(HALF_BS=f["blocksize"] // 2, C=chunks, R=r, NESTED=f["nested"], NESTED_BS=nested_bs,
                   HAS_BIAS=bias is not None, LOOKUP_ASM=bool(lookup_asm), EVEN_K=chunks * 32 == K,
-                  INT64=N * K // 2 >= 2**31, PREFETCH=cf if prefetch is None else int(prefetch),
-                  STAGES=1 if interp else (cs if stages is None else int(stages)))
+                  INT64=N * K // 2 >= 2**31, X_ONE_LOAD=ROWS_X_ONE_LOAD if x_one_load is None else bool(x_one_load))
     return grid, args, dict(consts, num_warps=num_warps)
 
 

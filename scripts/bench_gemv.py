@@ -43,14 +43,11 @@ def log(msg: str) -> None:
 def sweep_configs(K: int) -> list[dict]:
     """Candidate launch parameters of the rows kernel for rows of K elements."""
     if K <= 4096:
-        grid = itertools.product((1, 2, 4), (4, 8), (2, 4, 6), (2, 3, 4, 6))
-        control = dict(r=4, num_warps=4, per_sm=2, prefetch=1, stages=1)  # best of the register prefetch
+        grid = itertools.product((2, 4), (4, 8), (2, 3, 4), (True, False))
     else:
-        grid = itertools.product((1, 2), (8, 16), (1, 2), (2, 3, 4))
-        control = dict(r=2, num_warps=16, per_sm=1, prefetch=1, stages=1)
-    out = [dict(r=r, num_warps=w, per_sm=p, prefetch=0, stages=st, lookup_asm=True) for r, w, p, st in grid]
-    out += [dict(control, lookup_asm=True), dict(out[len(out) // 2], lookup_asm=False)]  # + the L1-gather lookup
-    return out
+        grid = itertools.product((1, 2), (8, 16), (1, 2), (True, False))
+    out = [dict(r=r, num_warps=w, per_sm=p, x_one_load=x1, lookup_asm=True) for r, w, p, x1 in grid]
+    return out + [dict(out[0], lookup_asm=False)]  # and the L1-gather lookup
 
 
 def sweep(nf4, deadline: float) -> list[dict]:
@@ -99,7 +96,7 @@ def apply_sweep(rows: list[dict]) -> dict:
         if cands:
             best = min(cands, key=lambda r: r["ms_graph"])
             p = best["params"]
-            chosen[k] = (p["r"], p["num_warps"], p["per_sm"], p["prefetch"], p["stages"])
+            chosen[k] = (p["r"], p["num_warps"], p["per_sm"])
     if chosen:
         ks = sorted(chosen)
         ng.ROWS_CONFIGS[:] = [(k // 2, *chosen[k]) for k in ks[:-1]] + [(1 << 62, *chosen[ks[-1]])]

@@ -113,21 +113,21 @@ def test_dispatch_uses_the_gemv_kernels_for_few_rows(monkeypatch):
 
 
 @needs_triton
-@pytest.mark.parametrize("prefetch", [0, 1, 2])
+@pytest.mark.parametrize("x_one_load", [True, False])
 @pytest.mark.parametrize("r", [1, 4])
 @pytest.mark.parametrize("n_out,n_in,blocksize,quant_type,double_quant", [
     (45, 256, 64, "nf4", True),  # N not a multiple of the rows per step
     (20, 448, 32, "fp4", False),  # K/32 not a power of two (masked chunks), plain absmax
 ])
-def test_rows_kernel_gather_path_writes_every_output(n_out, n_in, blocksize, quant_type, double_quant, r, prefetch):
-    """The rows kernel (gather lookup, as on the CPU) over rows per step, prefetch depths and ragged shapes."""
+def test_rows_kernel_gather_path_writes_every_output(n_out, n_in, blocksize, quant_type, double_quant, r, x_one_load):
+    """The rows kernel (gather lookup, as on the CPU) over rows per step, both x loads and ragged shapes."""
     packed, state = quantize(n_out, n_in, blocksize, quant_type, double_quant)
     f = nf4_dequantize._state_fields(state)
     words = nf4_dequantize._packed_bytes(packed, f["numel"]).view(torch.int32)
     args = nf4_dequantize.state_tensors(state, f, torch.device("cpu"), False)
     x, bias = torch.randn(n_in), torch.randn(n_out)
     out = torch.full((n_out,), float("nan"))
-    nf4_gemv.gemv_rows(x, words, args, None, f, bias, out, r=r, prefetch=prefetch)
+    nf4_gemv.gemv_rows(x, words, args, None, f, bias, out, r=r, x_one_load=x_one_load)
     ref = reference(x[None], packed, state, bias)
     assert_close_to_reference(out[None], ref, x[None], packed, state, rel=1e-5)
 
@@ -239,10 +239,10 @@ def test_gpu_gradients(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape,blocksize,quant_type", [((1000, 4096), 64, "nf4"), ((300, 1000 * 14), 128, "fp4"),
+@pytest.mark.parametrize("shape,blocksize,quant_type", [((1000, 4096), 64, "nf4"), ((300, 14336), 128, "fp4"),
                                                          ((64, 8192), 4096, "nf4")])
 def test_gpu_rows_kernel_asm_and_gather_lookups(dtype, shape, blocksize, quant_type):
-    """The rows kernel with the register (prmt) lookup and with the L1-gather lookup, both prefetch depths."""
+    """The rows kernel with the register (prmt) lookup and with the L1-gather lookup, both x loads."""
     packed, state = quantize(*shape, blocksize, quant_type, True, device="cuda")
     f = nf4_dequantize._state_fields(state)
     words = nf4_dequantize._packed_bytes(packed, f["numel"]).view(torch.int32)
@@ -252,7 +252,7 @@ def test_gpu_rows_kernel_asm_and_gather_lookups(dtype, shape, blocksize, quant_t
     bias = torch.randn(shape[0], device="cuda").to(dtype)
     ref = reference(x[None], packed, state, bias)
     for lookup_asm in (True, False):
-        for prefetch in (1, 2):
+        for x_one_load in (True, False):
             out = torch.full((shape[0],), float("nan"), device="cuda", dtype=dtype)
-            nf4_gemv.gemv_rows(x, words, args, planes, f, bias, out, lookup_asm=lookup_asm, prefetch=prefetch)
+            nf4_gemv.gemv_rows(x, words, args, planes, f, bias, out, lookup_asm=lookup_asm, x_one_load=x_one_load)
             assert_close_to_reference(out[None], ref, x[None], packed, state, rel=GPU_REL[dtype])
