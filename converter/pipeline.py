@@ -47,8 +47,7 @@ def write_tensors(
     quantizer = Quantizer(settings, device)
     out_bytes = {t.source_name: estimate_output_bytes(t.action, checkpoint.infos[t.source_name].numel, t.dtype, settings)
                  for t in todo}
-    device_bytes = sum(n for name, n in out_bytes.items() if by_name[name].action == QUANTIZE) if device.type == "cuda" else 0
-    writer = ShardWriter(out_dir, max_shard_bytes, expected_total=sum(out_bytes.values()), device_bytes=device_bytes)
+    writer = ShardWriter(out_dir, max_shard_bytes, expected_total=sum(out_bytes.values()))
     todo = spread_large_kept(todo, lambda t: t.action != QUANTIZE and out_bytes[t.source_name] >= writer.target_bytes)
     read_times = dict(READ_TIMES)
     params = quantized = kept = 0

@@ -77,29 +77,12 @@ class _HostBlocks:
         self._free: list[torch.Tensor] = []
         self._lock = threading.Lock()
         self.alloc_s = 0.0  # time spent allocating pinned memory (a diagnostic for the run's stats)
-        self.stopped = False
 
     def take(self) -> torch.Tensor:
         with self._lock:
             if self._free:
                 return self._free.pop()
         return self._pinned(HOST_BLOCK_BYTES)
-
-    def prefill(self, count: int) -> threading.Thread:
-        """Allocate ``count`` blocks on a background thread (page-locking costs ~40 ms per 64 MiB block on
-        the H100 machine: 0.7 s of an 8B conversion's main thread when done on demand)."""
-
-        def work() -> None:
-            for _ in range(count):
-                if self.stopped:
-                    return
-                block = self._pinned(HOST_BLOCK_BYTES)
-                with self._lock:
-                    self._free.append(block)
-
-        thread = threading.Thread(target=work, name="qconv-pinned", daemon=True)
-        thread.start()
-        return thread
 
     def dedicated(self, nbytes: int) -> torch.Tensor:
         """Pinned memory for one tensor larger than a block (not kept for reuse)."""
@@ -153,10 +136,7 @@ class _Shard:
 class ShardWriter:
     """Collects tensors into shards of at most ``max_shard_bytes`` and writes them in the background."""
 
-    def __init__(self, directory: Path, max_shard_bytes: int, expected_total: int | None = None,
-                 device_bytes: int = 0):
-        """``device_bytes``: how much of the output will arrive on a GPU (pinned host blocks for those
-        copies are then allocated ahead, in the background)."""
+    def __init__(self, directory: Path, max_shard_bytes: int, expected_total: int | None = None):
         self.directory = Path(directory)
         self.max_shard_bytes = max_shard_bytes
         # Balance the shards when the total is known: 5.3 GB under a 5 GB limit becomes 2 x 2.65 GB, so the
@@ -177,11 +157,6 @@ class ShardWriter:
         self._hash_pool = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="qconv-sha256")
         self._hashes: dict[int, str] = {}
         self._blocks = _HostBlocks()
-        self._prefill = None
-        if device_bytes > 0:
-            per_shard = -(-self.target_bytes // HOST_BLOCK_BYTES) + 1
-            wanted = min((WRITERS + 1) * per_shard, -(-device_bytes // HOST_BLOCK_BYTES) + 1)
-            self._prefill = self._blocks.prefill(wanted)
         self._threads = [threading.Thread(target=self._run, name=f"qconv-writer-{i}", daemon=True)
                          for i in range(WRITERS)]
         for thread in self._threads:
@@ -227,9 +202,6 @@ class ShardWriter:
         if self._open.tensors or not self._written:
             self._flush()
         self._stop_threads()
-        self._blocks.stopped = True
-        if self._prefill is not None:
-            self._prefill.join()
         self._raise_if_failed()
         total = len(self._written)
         files: dict[str, str] = {}
@@ -253,7 +225,6 @@ class ShardWriter:
     def abort(self) -> None:
         """Stop the writer thread (after an error elsewhere); files left behind belong to the temp dir."""
         self._error = self._error or QconvError("aborted")
-        self._blocks.stopped = True
         self._stop_threads(timeout=60)
         self._hash_pool.shutdown(wait=False, cancel_futures=True)
 

@@ -268,23 +268,3 @@ def test_large_kept_tensors_are_spread_over_the_run_first_at_the_start():
     assert order == list("EabcdLefgh")  # lm_head (last in the file) no longer ends the run
     assert spread_large_kept(list("abc"), lambda t: False) == list("abc")
     assert sorted(spread_large_kept(list("ELM"), lambda t: True)) == list("ELM")  # nothing lost or doubled
-
-
-def test_pinned_blocks_are_allocated_ahead_and_then_reused(monkeypatch):
-    from qconv.converter import shard_writer
-
-    monkeypatch.setattr(shard_writer, "HOST_BLOCK_BYTES", 1024)
-    blocks = shard_writer._HostBlocks()
-    made = []
-    monkeypatch.setattr(blocks, "_pinned", lambda n: made.append(n) or torch.empty(n, dtype=torch.uint8))
-    blocks.prefill(3).join()
-    assert made == [1024] * 3
-    taken = [blocks.take() for _ in range(3)]
-    assert len(made) == 3  # served from the prefilled list
-    blocks.take()
-    assert len(made) == 4  # then on demand
-    blocks.give(taken)
-    assert blocks.take() is not None and len(made) == 4
-    blocks.stopped = True
-    blocks.prefill(5).join()  # a stopped writer allocates nothing more
-    assert len(made) == 4
