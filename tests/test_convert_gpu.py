@@ -36,7 +36,7 @@ def test_gpu_convert_is_byte_exact_and_loads_in_plain_transformers(tiny_checkpoi
     from qconv.format import QuantSettings
 
     src = tiny_checkpoint_factory(arch, **source_kw)
-    result = convert(src, tmp_path / "qconv", QuantSettings(), device="cuda", max_shard_size="40KB", progress=False)
+    result = convert(src, tmp_path / "qconv", QuantSettings(), device="cuda", max_shard_size="8KB", progress=False)
     assert result.stats["device"].startswith("cuda") and result.stats["shards"] > 3
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.bfloat16)
