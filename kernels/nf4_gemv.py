@@ -144,7 +144,7 @@ if HAS_TRITON:
         N, K, t0, t1, t2, t3, t4, t5, t6, t7,
         HALF_BS: tl.constexpr, C: tl.constexpr, R: tl.constexpr, NESTED: tl.constexpr, NESTED_BS: tl.constexpr,
         HAS_BIAS: tl.constexpr, LOOKUP_ASM: tl.constexpr, EVEN_K: tl.constexpr, INT64: tl.constexpr,
-        X_ONE_LOAD: tl.constexpr,
+        X_ONE_LOAD: tl.constexpr, EARLY: tl.constexpr = False, PROBE: tl.constexpr = False,
     ):
         pid = tl.program_id(0)
         n_prog = tl.num_programs(0)
@@ -187,7 +187,14 @@ if HAS_TRITON:
         for n0 in range(pid * R, N, step):
             nx_words, nx_qa, nx_nab = _load_group(w_ptr, absmax_ptr, nested_absmax_ptr, n0 + step + r, c, i, c_ok,
                                                   kblk, row_words, blocks_per_row, N, NESTED, NESTED_BS, INT64)
-            v0, v1, v2, v3, v4, v5, v6, v7 = _word_values(words, code_ptr, t0, t1, t2, t3, t4, t5, t6, t7, LOOKUP_ASM)
+            if EARLY:  # a barrier keeps ptxas from sinking the prefetch below this group's compute
+                tl.debug_barrier()
+            if PROBE:  # benchmark probe (wrong results): no code lookup, the words' bits as float32
+                v0 = words.to(tl.float32, bitcast=True)
+                v1, v2, v3, v4, v5, v6, v7 = v0, v0, v0, v0, v0, v0, v0
+            else:
+                v0, v1, v2, v3, v4, v5, v6, v7 = _word_values(words, code_ptr, t0, t1, t2, t3, t4, t5, t6, t7,
+                                                              LOOKUP_ASM)
             dot = v0 * x0[None] + v1 * x1[None] + v2 * x2[None] + v3 * x3[None]
             dot += v4 * x4[None] + v5 * x5[None] + v6 * x6[None] + v7 * x7[None]
             chunk = tl.sum(dot, axis=2)  # [R, C]
@@ -207,17 +214,15 @@ if HAS_TRITON:
 
 
 #: Launch parameters of the rows kernel, by the row length of the weight in bytes (K/2, H100 sweep in
-#: docs/benchmarks.md): ``(largest K/2, rows per step, warps, programs per SM)``; the last entry covers
-#: longer rows.
-ROWS_CONFIGS = [(2048, 4, 4, 2), (1 << 62, 2, 16, 1)]
-#: Read x in one vectorized load and split it (True) or in 8 strided loads (False).
-ROWS_X_ONE_LOAD = True
+#: docs/benchmarks.md): ``(largest K/2, rows per step, warps, programs per SM, x in one vectorized load
+#: split in registers (True) or in 8 strided loads)``; the last entry covers longer rows.
+ROWS_CONFIGS = [(2048, 4, 4, 2, True), (1 << 62, 2, 16, 1, True)]
 #: Under the interpreter each program instance costs ~2.5 ms: one program for all rows.
 INTERPRETER_ROWS = 16
 
 
-def rows_config(K: int) -> tuple[int, int, int]:
-    """``(rows per step, warps, programs per SM)`` for rows of ``K`` elements."""
+def rows_config(K: int) -> tuple[int, int, int, bool]:
+    """``(rows per step, warps, programs per SM, x in one load)`` for rows of ``K`` elements."""
     for limit, *config in ROWS_CONFIGS:
         if K // 2 <= limit:
             return tuple(config)
@@ -227,12 +232,13 @@ def rows_config(K: int) -> tuple[int, int, int]:
 def rows_launch(x: torch.Tensor, words: torch.Tensor, state: tuple, planes: tuple[int, ...] | None,
                 f: dict[str, Any], bias: torch.Tensor | None, out: torch.Tensor, sm_count: int,
                 r: int | None = None, num_warps: int | None = None, per_sm: int | None = None,
-                lookup_asm: bool | None = None, x_one_load: bool | None = None) -> tuple[tuple, list, dict]:
+                lookup_asm: bool | None = None, x_one_load: bool | None = None, early: bool = False,
+                probe: bool = False) -> tuple[tuple, list, dict]:
     """Grid, positional arguments and launch options of the rows kernel for one row ``x`` [K]."""
     from qconv.kernels.utils import is_interpreter
 
     N, K = f["shape"]
-    cr, cw, cp = rows_config(K)
+    cr, cw, cp, cx = rows_config(K)
     interp = is_interpreter()
     r = r or (INTERPRETER_ROWS if interp else cr)
     num_warps = num_warps or (4 if interp else cw)
@@ -247,7 +253,8 @@ def rows_launch(x: torch.Tensor, words: torch.Tensor, state: tuple, planes: tupl
     args = [x, words, absmax, table, nested_code, nested_absmax, offset, bias if bias is not None else x, out, N, K, *t]
     consts = dict(HALF_BS=f["blocksize"] // 2, C=chunks, R=r, NESTED=f["nested"], NESTED_BS=nested_bs,
                   HAS_BIAS=bias is not None, LOOKUP_ASM=bool(lookup_asm), EVEN_K=chunks * 32 == K,
-                  INT64=N * K // 2 >= 2**31, X_ONE_LOAD=ROWS_X_ONE_LOAD if x_one_load is None else bool(x_one_load))
+                  INT64=N * K // 2 >= 2**31, X_ONE_LOAD=cx if x_one_load is None else bool(x_one_load),
+                  EARLY=bool(early), PROBE=bool(probe))
     return grid, args, dict(consts, num_warps=num_warps)
 
 

@@ -47,7 +47,17 @@ def sweep_configs(K: int) -> list[dict]:
     else:
         grid = itertools.product((1, 2), (8, 16), (1, 2), (True, False))
     out = [dict(r=r, num_warps=w, per_sm=p, x_one_load=x1, lookup_asm=True) for r, w, p, x1 in grid]
+    out += [dict(c, early=True) for c in out[:4]]  # a barrier after the prefetch loads
     return out + [dict(out[0], lookup_asm=False)]  # and the L1-gather lookup
+
+
+#: Probes (results wrong by design, never checked or chosen): the rows kernel without the code lookup
+#: (the words' bits used as float32) shows what the loads, FMAs and reductions alone cost.
+def probe_configs(K: int) -> list[dict]:
+    if K <= 4096:
+        return [dict(r=4, num_warps=4, per_sm=2, probe=True), dict(r=2, num_warps=8, per_sm=3, probe=True),
+                dict(r=2, num_warps=4, per_sm=4, probe=True)]
+    return [dict(r=2, num_warps=16, per_sm=1, probe=True), dict(r=1, num_warps=8, per_sm=2, probe=True)]
 
 
 def sweep(nf4, deadline: float) -> list[dict]:
@@ -68,6 +78,14 @@ def sweep(nf4, deadline: float) -> list[dict]:
             x = torch.randn(k, device="cuda", dtype=dtype)
             ref = x.double() @ w_ref.t()
             out = torch.empty(n, device="cuda", dtype=dtype)
+            for cfg in probe_configs(k) if dtype == torch.bfloat16 else []:
+                run = lambda: ng.gemv_rows(x, words, state, planes, f, None, out, sm, **cfg)  # noqa: E731
+                label = f"{case} PROBE (wrong by design) " + " ".join(f"{a}={b}" for a, b in cfg.items())
+                ms = nf4._safe(log, label, lambda: nf4._graph_bench(run))
+                if ms:
+                    rows.append(dict(section="probe rows kernel", case=case, impl=label[len(case) + 1:], ms_graph=round(ms, 5),
+                                     check="not checked", k=k, params=cfg))
+                    log(f"  {label}: {ms:.5f} ms")
             for cfg in sweep_configs(k) if dtype == torch.bfloat16 else []:
                 if time.time() > deadline:
                     log("sweep: out of time")
@@ -92,11 +110,12 @@ def apply_sweep(rows: list[dict]) -> dict:
 
     chosen = {}
     for k in sorted({r["k"] for r in rows}):
-        cands = [r for r in rows if r["k"] == k and r["params"]["lookup_asm"]]
+        cands = [r for r in rows if r["k"] == k and r["section"] == "sweep rows kernel" and r["params"].get("lookup_asm")
+                 and not r["params"].get("early")]
         if cands:
             best = min(cands, key=lambda r: r["ms_graph"])
             p = best["params"]
-            chosen[k] = (p["r"], p["num_warps"], p["per_sm"])
+            chosen[k] = (p["r"], p["num_warps"], p["per_sm"], p["x_one_load"])
     if chosen:
         ks = sorted(chosen)
         ng.ROWS_CONFIGS[:] = [(k // 2, *chosen[k]) for k in ks[:-1]] + [(1 << 62, *chosen[ks[-1]])]
