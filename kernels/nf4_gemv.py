@@ -144,7 +144,7 @@ if HAS_TRITON:
         N, K, t0, t1, t2, t3, t4, t5, t6, t7,
         HALF_BS: tl.constexpr, C: tl.constexpr, R: tl.constexpr, NESTED: tl.constexpr, NESTED_BS: tl.constexpr,
         HAS_BIAS: tl.constexpr, LOOKUP_ASM: tl.constexpr, EVEN_K: tl.constexpr, INT64: tl.constexpr,
-        X_ONE_LOAD: tl.constexpr, EARLY: tl.constexpr = False, PROBE: tl.constexpr = False,
+        X_ONE_LOAD: tl.constexpr, EARLY: tl.constexpr = False, PROBE: tl.constexpr = 0,
     ):
         pid = tl.program_id(0)
         n_prog = tl.num_programs(0)
@@ -189,14 +189,17 @@ if HAS_TRITON:
                                                   kblk, row_words, blocks_per_row, N, NESTED, NESTED_BS, INT64)
             if EARLY:  # a barrier keeps ptxas from sinking the prefetch below this group's compute
                 tl.debug_barrier()
-            if PROBE:  # benchmark probe (wrong results): no code lookup, the words' bits as float32
-                v0 = words.to(tl.float32, bitcast=True)
-                v1, v2, v3, v4, v5, v6, v7 = v0, v0, v0, v0, v0, v0, v0
+            if PROBE == 2:  # benchmark probe (wrong results): loads and reductions only
+                dot = words.to(tl.float32, bitcast=True) * x0[None]
             else:
-                v0, v1, v2, v3, v4, v5, v6, v7 = _word_values(words, code_ptr, t0, t1, t2, t3, t4, t5, t6, t7,
-                                                              LOOKUP_ASM)
-            dot = v0 * x0[None] + v1 * x1[None] + v2 * x2[None] + v3 * x3[None]
-            dot += v4 * x4[None] + v5 * x5[None] + v6 * x6[None] + v7 * x7[None]
+                if PROBE == 1:  # benchmark probe (wrong results): no code lookup, the words' bits as float32
+                    v0 = words.to(tl.float32, bitcast=True)
+                    v1, v2, v3, v4, v5, v6, v7 = v0, v0, v0, v0, v0, v0, v0
+                else:
+                    v0, v1, v2, v3, v4, v5, v6, v7 = _word_values(words, code_ptr, t0, t1, t2, t3, t4, t5, t6, t7,
+                                                                  LOOKUP_ASM)
+                dot = v0 * x0[None] + v1 * x1[None] + v2 * x2[None] + v3 * x3[None]
+                dot += v4 * x4[None] + v5 * x5[None] + v6 * x6[None] + v7 * x7[None]
             chunk = tl.sum(dot, axis=2)  # [R, C]
             if NESTED:
                 absmax = tl.load(nested_code_ptr + qa) * nab + tl.load(offset_ptr)
@@ -233,7 +236,7 @@ def rows_launch(x: torch.Tensor, words: torch.Tensor, state: tuple, planes: tupl
                 f: dict[str, Any], bias: torch.Tensor | None, out: torch.Tensor, sm_count: int,
                 r: int | None = None, num_warps: int | None = None, per_sm: int | None = None,
                 lookup_asm: bool | None = None, x_one_load: bool | None = None, early: bool = False,
-                probe: bool = False) -> tuple[tuple, list, dict]:
+                probe: int = 0) -> tuple[tuple, list, dict]:
     """Grid, positional arguments and launch options of the rows kernel for one row ``x`` [K]."""
     from qconv.kernels.utils import is_interpreter
 
@@ -254,7 +257,7 @@ def rows_launch(x: torch.Tensor, words: torch.Tensor, state: tuple, planes: tupl
     consts = dict(HALF_BS=f["blocksize"] // 2, C=chunks, R=r, NESTED=f["nested"], NESTED_BS=nested_bs,
                   HAS_BIAS=bias is not None, LOOKUP_ASM=bool(lookup_asm), EVEN_K=chunks * 32 == K,
                   INT64=N * K // 2 >= 2**31, X_ONE_LOAD=cx if x_one_load is None else bool(x_one_load),
-                  EARLY=bool(early), PROBE=bool(probe))
+                  EARLY=bool(early), PROBE=int(probe))
     return grid, args, dict(consts, num_warps=num_warps)
 
 

@@ -43,7 +43,7 @@ def log(msg: str) -> None:
 def sweep_configs(K: int) -> list[dict]:
     """Candidate launch parameters of the rows kernel for rows of K elements."""
     if K <= 4096:
-        grid = itertools.product((2, 4), (4, 8), (2, 3, 4), (True, False))
+        grid = itertools.product((2, 4), (4, 8), (1, 2, 3, 4), (True, False))
     else:
         grid = itertools.product((1, 2), (8, 16), (1, 2), (True, False))
     out = [dict(r=r, num_warps=w, per_sm=p, x_one_load=x1, lookup_asm=True) for r, w, p, x1 in grid]
@@ -52,12 +52,12 @@ def sweep_configs(K: int) -> list[dict]:
 
 
 #: Probes (results wrong by design, never checked or chosen): the rows kernel without the code lookup
-#: (the words' bits used as float32) shows what the loads, FMAs and reductions alone cost.
+#: (probe=1: the words' bits used as float32, FMAs kept; probe=2: one product per word) shows what the
+#: loads, FMAs and reductions alone cost.
 def probe_configs(K: int) -> list[dict]:
-    if K <= 4096:
-        return [dict(r=4, num_warps=4, per_sm=2, probe=True), dict(r=2, num_warps=8, per_sm=3, probe=True),
-                dict(r=2, num_warps=4, per_sm=4, probe=True)]
-    return [dict(r=2, num_warps=16, per_sm=1, probe=True), dict(r=1, num_warps=8, per_sm=2, probe=True)]
+    base = [dict(r=4, num_warps=4, per_sm=2), dict(r=2, num_warps=8, per_sm=3)] if K <= 4096 else \
+        [dict(r=2, num_warps=16, per_sm=1), dict(r=1, num_warps=8, per_sm=2)]
+    return [dict(b, probe=level) for level in (1, 2) for b in base]
 
 
 def sweep(nf4, deadline: float) -> list[dict]:
