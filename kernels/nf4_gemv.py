@@ -1,21 +1,26 @@
-"""Fused NF4/FP4 dequantize + GEMV for a few rows of x (decoding): the ``rows`` kernel.
+"""Fused NF4/FP4 dequantize + GEMV for one row of x (decoding): the ``rows`` kernel.
 
-Layout: a persistent program loads x once, as float32, split into the 8 element positions of a
-32-bit word of packed weight (``X_p[c, i] = x[32 c + 8 i + p]``), and then loops over groups of
-``R`` output features. For each group it reads whole rows of packed weight as 32-bit words
-``[R, C, 4]`` (each thread owns 16 contiguous bytes, a 128-bit load, of each row), turns each word
-into its 8 code values, multiplies them with the matching x values and sums the 32 products of a
-16-byte chunk in float32; the chunk sum is scaled by its quantization block's absmax (nested
-dequantization once per chunk) and the row is reduced once.
+Layout: a persistent program (``programs per SM x SMs`` of them) reads x once, in one vectorized
+load, as float32 split into the 8 element positions of a 32-bit word of packed weight
+(``X_p[c, i] = x[32 c + 8 i + p]``), and then loops over groups of ``R`` output features. For each
+group it reads whole rows of packed weight as 32-bit words ``[R, C, 4]`` (each thread owns 16
+contiguous bytes of a row: one 128-bit load), turns each word into its 8 code values, multiplies them
+with the matching x values and sums the 32 products of a 16-byte chunk in float32; the chunk sum is
+scaled by its quantization block's absmax (nested dequantization once per chunk), and each row is
+reduced once. The next group's words and absmax are loaded one group ahead, in registers. Rows of
+``K`` elements with ``K/32`` not a power of two are padded to the next power of two (masked).
 
-Code lookup (constexpr ``LOOKUP``):
+Code lookup (constexpr ``LOOKUP_ASM``):
 
-* ``"asm"``: in registers, with PTX ``prmt`` on the byte planes of the 16-entry code held as float16
-  (passed as 8 32-bit kernel arguments, so any code table works): 8 values per word from 22 integer
-  instructions and 8 conversions, no memory access. float16 rounds the code by at most 2^-11
-  relative; used for bf16/fp16 x only.
-* ``"gather"``: one 4-byte load per value from the float32 code (exact; float32 x, FP4/custom codes
-  that float16 cannot hold, and Triton's interpreter, which cannot run inline assembly).
+* True: in registers, with PTX ``prmt`` on the byte planes of the 16-entry code held as float16
+  (passed as 8 32-bit kernel arguments, so any code table float16 can hold works): 8 values per word
+  from 21 integer instructions and 8 conversions, no memory access. float16 rounds the code by at
+  most 2^-11 relative; used for bf16/fp16 x.
+* False: one 4-byte L1 gather per value from the float32 code (exact; float32 x, codes float16
+  cannot hold, and Triton's interpreter, which cannot run inline assembly).
+
+``EARLY`` (a barrier after the prefetch loads) and ``PROBE`` (no code lookup: wrong results, a
+benchmark probe of what the loads and reductions alone cost) exist for ``scripts/bench_gemv.py``.
 """
 
 from __future__ import annotations
@@ -115,11 +120,6 @@ if HAS_TRITON:
                     tl.load(code_ptr + ((w >> 28) & 15)), tl.load(code_ptr + ((w >> 24) & 15)))
 
     @triton.jit
-    def _x_part(x_row, c, i, ok, P: tl.constexpr):
-        """x values at element position ``P`` of each word: ``x[32 c + 8 i + P]`` as float32 [C, 4]."""
-        return tl.load(x_row + c[:, None] * 32 + i[None, :] * 8 + P, mask=ok[:, None], other=0).to(tl.float32)
-
-    @triton.jit
     def _load_group(w_ptr, absmax_ptr, nested_absmax_ptr, n, c, i, c_ok, kblk, row_words, blocks_per_row, N,
                     NESTED: tl.constexpr, NESTED_BS: tl.constexpr, INT64: tl.constexpr):
         """Weight words [R, C, 4] of rows ``n`` and their blocks' absmax (uint8 + nested absmax, or float32)."""
@@ -144,7 +144,7 @@ if HAS_TRITON:
         N, K, t0, t1, t2, t3, t4, t5, t6, t7,
         HALF_BS: tl.constexpr, C: tl.constexpr, R: tl.constexpr, NESTED: tl.constexpr, NESTED_BS: tl.constexpr,
         HAS_BIAS: tl.constexpr, LOOKUP_ASM: tl.constexpr, EVEN_K: tl.constexpr, INT64: tl.constexpr,
-        X_ONE_LOAD: tl.constexpr, EARLY: tl.constexpr = False, PROBE: tl.constexpr = 0,
+        EARLY: tl.constexpr = False, PROBE: tl.constexpr = 0,
     ):
         pid = tl.program_id(0)
         n_prog = tl.num_programs(0)
@@ -163,27 +163,18 @@ if HAS_TRITON:
         # registers (ptxas issues those loads late in the loop body, before the row reduction)
         words, qa, nab = _load_group(w_ptr, absmax_ptr, nested_absmax_ptr, pid * R + r, c, i, c_ok, kblk,
                                      row_words, blocks_per_row, N, NESTED, NESTED_BS, INT64)
-        if X_ONE_LOAD:  # x in one vectorized load [C, 4, 8], then split into the 8 element positions
-            p = tl.arange(0, 8)
-            xa = tl.load(x_ptr + c[:, None, None] * 32 + i[None, :, None] * 8 + p[None, None, :],
-                         mask=c_ok[:, None, None], other=0).to(tl.float32)
-            xa = tl.reshape(xa, (C, 4, 2, 2, 2))
-            xa, xb = tl.split(xa)  # even | odd p (tl.split takes the last axis: p's lowest bit)
-            x04, x26 = tl.split(xa)
-            x15, x37 = tl.split(xb)
-            x0, x4 = tl.split(x04)
-            x2, x6 = tl.split(x26)
-            x1, x5 = tl.split(x15)
-            x3, x7 = tl.split(x37)
-        else:
-            x0 = _x_part(x_ptr, c, i, c_ok, 0)
-            x1 = _x_part(x_ptr, c, i, c_ok, 1)
-            x2 = _x_part(x_ptr, c, i, c_ok, 2)
-            x3 = _x_part(x_ptr, c, i, c_ok, 3)
-            x4 = _x_part(x_ptr, c, i, c_ok, 4)
-            x5 = _x_part(x_ptr, c, i, c_ok, 5)
-            x6 = _x_part(x_ptr, c, i, c_ok, 6)
-            x7 = _x_part(x_ptr, c, i, c_ok, 7)
+        # x in one vectorized load [C, 4, 8], split in registers into the 8 element positions of a word
+        p = tl.arange(0, 8)
+        xa = tl.load(x_ptr + c[:, None, None] * 32 + i[None, :, None] * 8 + p[None, None, :],
+                     mask=c_ok[:, None, None], other=0).to(tl.float32)
+        xa = tl.reshape(xa, (C, 4, 2, 2, 2))
+        xa, xb = tl.split(xa)  # even | odd p (tl.split takes the last axis: p's lowest bit)
+        x04, x26 = tl.split(xa)
+        x15, x37 = tl.split(xb)
+        x0, x4 = tl.split(x04)
+        x2, x6 = tl.split(x26)
+        x1, x5 = tl.split(x15)
+        x3, x7 = tl.split(x37)
         for n0 in range(pid * R, N, step):
             nx_words, nx_qa, nx_nab = _load_group(w_ptr, absmax_ptr, nested_absmax_ptr, n0 + step + r, c, i, c_ok,
                                                   kblk, row_words, blocks_per_row, N, NESTED, NESTED_BS, INT64)
@@ -217,15 +208,15 @@ if HAS_TRITON:
 
 
 #: Launch parameters of the rows kernel, by the row length of the weight in bytes (K/2, H100 sweep in
-#: docs/benchmarks.md): ``(largest K/2, rows per step, warps, programs per SM, x in one vectorized load
-#: split in registers (True) or in 8 strided loads)``; the last entry covers longer rows.
-ROWS_CONFIGS = [(2048, 4, 4, 2, True), (1 << 62, 2, 16, 1, True)]
+#: docs/benchmarks.md): ``(largest K/2, rows per step, warps, programs per SM)``; the last entry covers
+#: longer rows.
+ROWS_CONFIGS = [(2048, 2, 8, 4), (1 << 62, 2, 16, 1)]
 #: Under the interpreter each program instance costs ~2.5 ms: one program for all rows.
 INTERPRETER_ROWS = 16
 
 
-def rows_config(K: int) -> tuple[int, int, int, bool]:
-    """``(rows per step, warps, programs per SM, x in one load)`` for rows of ``K`` elements."""
+def rows_config(K: int) -> tuple[int, int, int]:
+    """``(rows per step, warps, programs per SM)`` for rows of ``K`` elements."""
     for limit, *config in ROWS_CONFIGS:
         if K // 2 <= limit:
             return tuple(config)
@@ -235,13 +226,12 @@ def rows_config(K: int) -> tuple[int, int, int, bool]:
 def rows_launch(x: torch.Tensor, words: torch.Tensor, state: tuple, planes: tuple[int, ...] | None,
                 f: dict[str, Any], bias: torch.Tensor | None, out: torch.Tensor, sm_count: int,
                 r: int | None = None, num_warps: int | None = None, per_sm: int | None = None,
-                lookup_asm: bool | None = None, x_one_load: bool | None = None, early: bool = False,
-                probe: int = 0) -> tuple[tuple, list, dict]:
+                lookup_asm: bool | None = None, early: bool = False, probe: int = 0) -> tuple[tuple, list, dict]:
     """Grid, positional arguments and launch options of the rows kernel for one row ``x`` [K]."""
     from qconv.kernels.utils import is_interpreter
 
     N, K = f["shape"]
-    cr, cw, cp, cx = rows_config(K)
+    cr, cw, cp = rows_config(K)
     interp = is_interpreter()
     r = r or (INTERPRETER_ROWS if interp else cr)
     num_warps = num_warps or (4 if interp else cw)
@@ -256,8 +246,7 @@ def rows_launch(x: torch.Tensor, words: torch.Tensor, state: tuple, planes: tupl
     args = [x, words, absmax, table, nested_code, nested_absmax, offset, bias if bias is not None else x, out, N, K, *t]
     consts = dict(HALF_BS=f["blocksize"] // 2, C=chunks, R=r, NESTED=f["nested"], NESTED_BS=nested_bs,
                   HAS_BIAS=bias is not None, LOOKUP_ASM=bool(lookup_asm), EVEN_K=chunks * 32 == K,
-                  INT64=N * K // 2 >= 2**31, X_ONE_LOAD=cx if x_one_load is None else bool(x_one_load),
-                  EARLY=bool(early), PROBE=int(probe))
+                  INT64=N * K // 2 >= 2**31, EARLY=bool(early), PROBE=int(probe))
     return grid, args, dict(consts, num_warps=num_warps)
 
 

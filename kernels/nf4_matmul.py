@@ -2,18 +2,20 @@
 
 Paths, by the number of rows ``M = prod(x.shape[:-1])``:
 
-* ``M <= GEMV_MAX_ROWS`` (decoding): a fused dequantize + GEMV Triton kernel. Each program owns
-  ``BLOCK_N`` output features and walks all of K as ``[BLOCK_N, NB, bs/2]`` byte tiles; both nibbles of
-  a byte are looked up in the 16-entry code, each block's dot product with x is reduced in float32 and
-  scaled by the block's absmax (nested dequantization once per block). A split-K variant with
-  elementwise accumulation and a direct kernel launch was measured slower on an H100 and removed
-  (docs/benchmarks.md).
+* ``M == 1`` (decoding one sequence): the persistent ``rows`` kernel of ``nf4_gemv.py`` (x held in
+  registers, 128-bit weight loads, the code looked up in registers with ``prmt``, prefetch one group
+  of rows ahead), launched directly from a cached compiled kernel after the first call.
+* ``2 <= M <= GEMV_MAX_ROWS``: the ``tile`` kernel below. Each program owns ``BLOCK_N`` output
+  features and walks all of K as ``[BLOCK_N, NB, bs/2]`` byte tiles; both nibbles of a byte are looked
+  up in the 16-entry code, each block's dot product with x is reduced in float32 and scaled by the
+  block's absmax (nested dequantization once per block). A split-K variant was measured slower on an
+  H100 and removed (docs/benchmarks.md).
 * larger ``M``: dequantize W once (``dequantize_nf4``) and call ``torch.matmul`` (cuBLAS). A fused
   dequantize + ``tl.dot`` kernel was measured slower than this at every M on an H100 (docs/benchmarks.md).
 
-The GEMV kernel needs ``K % blocksize == 0`` (quantization blocks never straddle rows); other shapes
+The GEMV kernels need ``K % blocksize == 0`` (quantization blocks never straddle rows); other shapes
 take the dequantize-then-matmul path. Calls that need no gradient skip autograd and the quant-state
-validation: kernel arguments are cached per quant state. The autograd Function gives
+validation: kernel arguments are cached per quant state (``_GemvPlan``). The autograd Function gives
 gradients to ``x`` (and ``bias``); the weight is frozen: ``dx = dy @ W`` via dequantize + matmul.
 """
 
@@ -37,9 +39,9 @@ if HAS_TRITON:
 
 logger = logging.getLogger(__name__)
 
-#: tile kernel (H100 sweep, docs/benchmarks.md): features per program, packed bytes per feature per
-#: step, warps, code lookup (True: one gather per byte from a 256-entry pair table), x split into
-#: even/odd elements (True) or the weight tile interleaved (False).
+#: tile kernel (2-4 rows; H100 sweep, docs/benchmarks.md): features per program, packed bytes per
+#: feature per step, warps, code lookup (True: one gather per byte from a 256-entry pair table), x split
+#: into even/odd elements (True) or the weight tile interleaved (False).
 GEMV_BLOCK_N = 4
 GEMV_STEP_BYTES = 1024
 GEMV_NUM_WARPS = 4
@@ -233,7 +235,8 @@ def _direct_launcher(compiled: Any, grid: tuple, args: list, consts: dict, x: to
             with torch.cuda.device(index):
                 return launch(xv, b)
         y = torch.empty(n, dtype=dtype, device=device)
-        run(g0, g1, g2, get_stream(index), function, metadata, None, None, None, xv, *mid, xv if b is None else b, y, *tail)
+        run(g0, g1, g2, get_stream(index), function, metadata, None, None, None,
+            xv, *mid, xv if b is None else b, y, *tail)
         return y
 
     if _DIRECT_LAUNCH_OK is None:

@@ -3,8 +3,8 @@
     python scripts/bench_gemv.py [--sweep] [--seconds 200] [--json OUT.json]
 
 ``--sweep`` first times the ``rows`` kernel's launch parameters (rows per step, warps, programs per SM,
-code lookup) for the two Llama MLP shapes: every config is checked against the float64 reference
-(configs that are wrong are skipped loudly) and timed as GPU time (CUDA-graph replay); the fastest
+the EARLY barrier, code lookup) and two probes without the code lookup for the two Llama MLP shapes:
+every config is checked against the float64 reference (configs that are wrong are skipped loudly) and timed as GPU time (CUDA-graph replay); the fastest
 checked config per shape becomes the default for the rest of the run. The table then compares
 ``matmul_nf4`` and ``bitsandbytes.matmul_4bit`` side by side: ``ms`` = ``triton.testing.do_bench``
 median of the eager Python call (L2 flushed), ``ms_graph`` = CUDA-graph replay (GPU time),
@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-SHAPES = {"14336x4096": (14336, 4096), "4096x14336": (4096, 14336), "4096x4096": (4096, 4096), "1024x4096": (1024, 4096)}
+SHAPES = {"14336x4096": (14336, 4096), "4096x14336": (4096, 14336), "4096x4096": (4096, 4096),
+          "1024x4096": (1024, 4096)}
 SWEEP_SHAPES = ("14336x4096", "4096x14336")
 
 
@@ -43,11 +44,11 @@ def log(msg: str) -> None:
 def sweep_configs(K: int) -> list[dict]:
     """Candidate launch parameters of the rows kernel for rows of K elements."""
     if K <= 4096:
-        grid = itertools.product((2, 4), (4, 8), (1, 2, 3, 4), (True, False))
+        grid = itertools.product((2, 4), (4, 8), (1, 2, 3, 4, 6))
     else:
-        grid = itertools.product((1, 2), (8, 16), (1, 2), (True, False))
-    out = [dict(r=r, num_warps=w, per_sm=p, x_one_load=x1, lookup_asm=True) for r, w, p, x1 in grid]
-    out += [dict(c, early=True) for c in out[:4]]  # a barrier after the prefetch loads
+        grid = itertools.product((1, 2), (8, 16), (1, 2))
+    out = [dict(r=r, num_warps=w, per_sm=p, lookup_asm=True) for r, w, p in grid]
+    out += [dict(c, early=True) for c in out]  # a barrier after the prefetch loads
     return out + [dict(out[0], lookup_asm=False)]  # and the L1-gather lookup
 
 
@@ -83,8 +84,8 @@ def sweep(nf4, deadline: float) -> list[dict]:
                 label = f"{case} PROBE (wrong by design) " + " ".join(f"{a}={b}" for a, b in cfg.items())
                 ms = nf4._safe(log, label, lambda: nf4._graph_bench(run))
                 if ms:
-                    rows.append(dict(section="probe rows kernel", case=case, impl=label[len(case) + 1:], ms_graph=round(ms, 5),
-                                     check="not checked", k=k, params=cfg))
+                    rows.append(dict(section="probe rows kernel", case=case, impl=label[len(case) + 1:],
+                                     ms_graph=round(ms, 5), check="not checked", k=k, params=cfg))
                     log(f"  {label}: {ms:.5f} ms")
             for cfg in sweep_configs(k) if dtype == torch.bfloat16 else []:
                 if time.time() > deadline:
@@ -98,8 +99,8 @@ def sweep(nf4, deadline: float) -> list[dict]:
                     continue
                 ms = nf4._safe(log, label, lambda: nf4._graph_bench(run))
                 if ms:
-                    rows.append(dict(section="sweep rows kernel", case=case, impl=label[len(case) + 1:], ms_graph=round(ms, 5),
-                                     check=f"rel_err={err:.1e}", k=k, params=cfg))
+                    rows.append(dict(section="sweep rows kernel", case=case, impl=label[len(case) + 1:],
+                                     ms_graph=round(ms, 5), check=f"rel_err={err:.1e}", k=k, params=cfg))
                     log(f"  {label}: {ms:.5f} ms (rel_err {err:.1e})")
     return rows
 
@@ -110,12 +111,12 @@ def apply_sweep(rows: list[dict]) -> dict:
 
     chosen = {}
     for k in sorted({r["k"] for r in rows}):
-        cands = [r for r in rows if r["k"] == k and r["section"] == "sweep rows kernel" and r["params"].get("lookup_asm")
-                 and not r["params"].get("early")]
+        cands = [r for r in rows if r["k"] == k and r["section"] == "sweep rows kernel"
+                 and r["params"].get("lookup_asm") and not r["params"].get("early")]
         if cands:
             best = min(cands, key=lambda r: r["ms_graph"])
             p = best["params"]
-            chosen[k] = (p["r"], p["num_warps"], p["per_sm"], p["x_one_load"])
+            chosen[k] = (p["r"], p["num_warps"], p["per_sm"])
     if chosen:
         ks = sorted(chosen)
         ng.ROWS_CONFIGS[:] = [(k // 2, *chosen[k]) for k in ks[:-1]] + [(1 << 62, *chosen[ks[-1]])]
@@ -133,7 +134,8 @@ def bench(nf4, copy_gbps: float) -> list[dict]:
         packed, qs = nf4._quantized(n, k, "cuda")
         w_ref = nd.dequantize_nf4_reference(packed, qs, torch.float32).double()
         big = case in SWEEP_SHAPES
-        for m, dtype in [(1, torch.bfloat16)] + ([(2, torch.bfloat16), (4, torch.bfloat16), (1, torch.float16)] if big else []):
+        more = [(2, torch.bfloat16), (4, torch.bfloat16), (1, torch.float16)] if big else []
+        for m, dtype in [(1, torch.bfloat16)] + more:
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             ref = x.double() @ w_ref.t()
             nbytes = packed.numel() + qs.absmax.numel() + dtype.itemsize * m * (n + k)

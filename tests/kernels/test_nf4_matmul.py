@@ -113,21 +113,21 @@ def test_dispatch_uses_the_gemv_kernels_for_few_rows(monkeypatch):
 
 
 @needs_triton
-@pytest.mark.parametrize("x_one_load", [True, False])
+@pytest.mark.parametrize("early", [True, False])
 @pytest.mark.parametrize("r", [1, 4])
 @pytest.mark.parametrize("n_out,n_in,blocksize,quant_type,double_quant", [
     (45, 256, 64, "nf4", True),  # N not a multiple of the rows per step
     (20, 448, 32, "fp4", False),  # K/32 not a power of two (masked chunks), plain absmax
 ])
-def test_rows_kernel_gather_path_writes_every_output(n_out, n_in, blocksize, quant_type, double_quant, r, x_one_load):
-    """The rows kernel (gather lookup, as on the CPU) over rows per step, both x loads and ragged shapes."""
+def test_rows_kernel_gather_path_writes_every_output(n_out, n_in, blocksize, quant_type, double_quant, r, early):
+    """The rows kernel (gather lookup, as on the CPU) over rows per step, with/without EARLY, ragged shapes."""
     packed, state = quantize(n_out, n_in, blocksize, quant_type, double_quant)
     f = nf4_dequantize._state_fields(state)
     words = nf4_dequantize._packed_bytes(packed, f["numel"]).view(torch.int32)
     args = nf4_dequantize.state_tensors(state, f, torch.device("cpu"), False)
     x, bias = torch.randn(n_in), torch.randn(n_out)
     out = torch.full((n_out,), float("nan"))
-    nf4_gemv.gemv_rows(x, words, args, None, f, bias, out, r=r, x_one_load=x_one_load)
+    nf4_gemv.gemv_rows(x, words, args, None, f, bias, out, r=r, early=early)
     ref = reference(x[None], packed, state, bias)
     assert_close_to_reference(out[None], ref, x[None], packed, state, rel=1e-5)
 
@@ -139,7 +139,8 @@ def test_code_planes_hold_the_float16_code(quant_type):
     planes = [p & 0xFFFFFFFF for p in nf4_gemv.code_planes(code)]
     low = [(planes[j // 4] >> (8 * (j % 4))) & 0xFF for j in range(16)]
     high = [(planes[4 + j // 4] >> (8 * (j % 4))) & 0xFF for j in range(16)]
-    rebuilt = torch.tensor([lo | (hi << 8) for lo, hi in zip(low, high)], dtype=torch.int32).to(torch.int16).view(torch.float16)
+    bits = torch.tensor([lo | (hi << 8) for lo, hi in zip(low, high)], dtype=torch.int32)
+    rebuilt = bits.to(torch.int16).view(torch.float16)
     assert torch.equal(rebuilt, code.half())
     assert nf4_gemv.code_planes(code * 1e6) is None and nf4_gemv.code_planes(code * 1e-7) is None
 
@@ -242,7 +243,7 @@ def test_gpu_gradients(dtype):
 @pytest.mark.parametrize("shape,blocksize,quant_type", [((1000, 4096), 64, "nf4"), ((300, 14336), 128, "fp4"),
                                                          ((64, 8192), 4096, "nf4")])
 def test_gpu_rows_kernel_asm_and_gather_lookups(dtype, shape, blocksize, quant_type):
-    """The rows kernel with the register (prmt) lookup and with the L1-gather lookup, both x loads."""
+    """The rows kernel with the register (prmt) lookup and with the L1-gather lookup, with/without EARLY."""
     packed, state = quantize(*shape, blocksize, quant_type, True, device="cuda")
     f = nf4_dequantize._state_fields(state)
     words = nf4_dequantize._packed_bytes(packed, f["numel"]).view(torch.int32)
@@ -252,7 +253,7 @@ def test_gpu_rows_kernel_asm_and_gather_lookups(dtype, shape, blocksize, quant_t
     bias = torch.randn(shape[0], device="cuda").to(dtype)
     ref = reference(x[None], packed, state, bias)
     for lookup_asm in (True, False):
-        for x_one_load in (True, False):
+        for early in (True, False):
             out = torch.full((shape[0],), float("nan"), device="cuda", dtype=dtype)
-            nf4_gemv.gemv_rows(x, words, args, planes, f, bias, out, lookup_asm=lookup_asm, x_one_load=x_one_load)
+            nf4_gemv.gemv_rows(x, words, args, planes, f, bias, out, lookup_asm=lookup_asm, early=early)
             assert_close_to_reference(out[None], ref, x[None], packed, state, rel=GPU_REL[dtype])
