@@ -2,6 +2,8 @@
 
     python scripts/bench_gemv_rope.py [--seconds 240] [--json OUT.json]
 
+Its GEMV sweep covers the ``tile`` kernel, which since the ``rows`` kernel runs only M = 2-4 (``matmul_nf4``
+with one row takes ``kernels/nf4_gemv.py``, benchmarked and swept by ``scripts/bench_gemv.py``).
 Every swept config is checked against the reference before it is timed; the fastest checked config
 (GPU time, CUDA graph) becomes the module default for the final tables. GEMV rows: ``ms`` = do_bench
 median of the eager call (L2 flushed), ``ms_graph`` = CUDA-graph replay, ``host_us`` = host time per
