@@ -52,20 +52,22 @@ GEMV_SWEEP = [(bn, step) for bn, step in ((1, 2048), (2, 1024), (2, 2048), (4, 5
 
 
 def sweep_gemv(device: str, copy_gbps: float, log: Callable) -> list[dict]:
+    """The ``tile`` GEMV kernel's launch parameters, timed with 2 rows of x (one row takes the ``rows``
+    kernel of ``kernels/nf4_gemv.py``, swept by ``scripts/bench_gemv.py``)."""
     from qconv.kernels import nf4_matmul as nm
 
     rows = []
     n, k, packed, qs, f, data = _sweep_inputs(device)
-    x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
+    x = torch.randn(2, k, device=device, dtype=torch.bfloat16)
     ref = (x.double() @ _dequant_ref(packed, qs).t()).float()
-    nbytes = packed.numel() + qs.absmax.numel() + 2 * (n + k)
+    nbytes = packed.numel() + qs.absmax.numel() + 2 * 2 * (n + k)
     configs = [(bn, step, w, False, True) for bn, step in GEMV_SWEEP for w in (4, 8)]
     configs += [(bn, step, 4, False, False) for bn, step in GEMV_SWEEP]
     configs += [(8, 512, 4, True, True), (4, 1024, 4, True, True), (16, 256, 4, True, True)]
     for bn, step, warps, pair, eo in configs:
         def run():
             return nm._gemv(x, data, qs, f, None, block_n=bn, step_bytes=step, num_warps=warps, pair=pair,
-                            even_odd=eo, rows=1)
+                            even_odd=eo, rows=2)
         err = _safe(log, f"sweep gemv {bn} {step} {warps} {pair} {eo}", lambda: _rel_err(run(), ref))
         t = _safe(log, f"sweep gemv {bn} {step} {warps} {pair} {eo}", lambda: {"ms_graph": _graph_bench(run)}) \
             if err is not None and err < 1e-2 else None
