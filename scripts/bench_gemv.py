@@ -152,14 +152,6 @@ def bench(nf4, copy_gbps: float) -> list[dict]:
     return nf4._with_ratios(rows)
 
 
-def table(rows: list[dict], cols: list[str]) -> str:
-    cols = [c for c in cols if any(r.get(c) is not None for r in rows)]
-    text = [["" if r.get(c) is None else str(r.get(c)) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(t[i]) for t in text)) for i, c in enumerate(cols)]
-    lines = [" | ".join(c.ljust(w) for c, w in zip(cols, widths)), "-+-".join("-" * w for w in widths)]
-    return "\n".join(lines + [" | ".join(v.ljust(w) for v, w in zip(t, widths)) for t in text])
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", action="store_true", help="sweep the rows kernel's launch parameters first")
@@ -185,8 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(env))
     print(f"copy {copy_gbps:.0f} GB/s; rows kernel configs {ng.ROWS_CONFIGS}")
     if swept:
-        print(table(sorted(swept, key=lambda r: (r["case"], r["ms_graph"])), ["case", "impl", "ms_graph", "check"]))
-    print(table(rows, ["case", "impl", "ms", "ms_graph", "host_us", "gbps_graph", "frac_copy_graph",
+        print(nf4.format_table(sorted(swept, key=lambda r: (r["case"], r["ms_graph"])), ["case", "impl", "ms_graph", "check"]))
+    print(nf4.format_table(rows, ["case", "impl", "ms", "ms_graph", "host_us", "gbps_graph", "frac_copy_graph",
                        "speedup_vs_bnb", "speedup_vs_bnb_graph", "check"]))
 
 

@@ -192,14 +192,6 @@ def bench_rope(kb, copy_gbps: float) -> list[dict]:
     return rows
 
 
-def table(rows: list[dict], cols: list[str]) -> str:
-    cols = [c for c in cols if any(r.get(c) is not None for r in rows)]
-    text = [["" if r.get(c) is None else str(r.get(c)) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(t[i]) for t in text)) for i, c in enumerate(cols)]
-    lines = [" | ".join(c.ljust(w) for c, w in zip(cols, widths)), "-+-".join("-" * w for w in widths)]
-    return "\n".join(lines + [" | ".join(v.ljust(w) for v, w in zip(t, widths)) for t in text])
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=240.0, help="time budget of the sweeps")
@@ -235,10 +227,10 @@ def main(argv: list[str] | None = None) -> None:
     save()
     print(json.dumps(env))
     print(f"copy {copy_gbps:.0f} GB/s; chosen: {json.dumps(out['chosen'], default=str)}")
-    print(table(gemv_sweep + rope_sweep, ["section", "case", "impl", "ms_graph", "gpu_ms", "check"]))
-    print(table(gemv, ["section", "case", "impl", "ms", "ms_graph", "host_us", "gbps", "frac_copy_graph",
+    print(nf4.format_table(gemv_sweep + rope_sweep, ["section", "case", "impl", "ms_graph", "gpu_ms", "check"]))
+    print(nf4.format_table(gemv, ["section", "case", "impl", "ms", "ms_graph", "host_us", "gbps", "frac_copy_graph",
                        "speedup_vs_bnb", "speedup_vs_bnb_graph", "check"]))
-    print(table(rope, ["impl", "ms", "vs_liger", "gpu_ms", "gpu_vs_liger", "gpu_frac_copy", "extra_mib"]))
+    print(nf4.format_table(rope, ["impl", "ms", "vs_liger", "gpu_ms", "gpu_vs_liger", "gpu_frac_copy", "extra_mib"]))
 
 
 if __name__ == "__main__":

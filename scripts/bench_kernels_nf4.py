@@ -269,9 +269,17 @@ def bench_nf4(device: str = "cuda", *, copy_gbps: float | None = None, sweep_par
     return _with_ratios(rows)
 
 
-def format_table(rows: list[dict]) -> str:
-    cols = ["section", "case", "impl", "ms", "ms_graph", "host_us", "gbps", "frac_copy", "frac_copy_graph",
-            "speedup_vs_bnb", "speedup_vs_bnb_graph", "check"]
+TABLE_COLUMNS = ["section", "case", "impl", "ms", "ms_graph", "host_us", "gbps", "frac_copy", "frac_copy_graph",
+                 "speedup_vs_bnb", "speedup_vs_bnb_graph", "check"]
+
+
+def format_table(rows: list[dict], cols: list[str] | None = None) -> str:
+    """A plain-text table of ``rows`` (``cols``: the columns to show; default all of ``TABLE_COLUMNS`` for
+    the standard table, and when given, those with at least one value)."""
+    if cols is None:
+        cols = TABLE_COLUMNS
+    else:
+        cols = [c for c in cols if any(r.get(c) is not None for r in rows)]
     text = [[("" if r.get(c) is None else str(r.get(c))) for c in cols] for r in rows]
     widths = [max(len(c), *(len(t[i]) for t in text)) for i, c in enumerate(cols)]
     lines = [" | ".join(c.ljust(w) for c, w in zip(cols, widths)), "-+-".join("-" * w for w in widths)]
