@@ -29,7 +29,7 @@ import torch
 from qconv.errors import QconvError
 from qconv.kernels.nf4_dequantize import HAS_TRITON, _packed_bytes, _state_fields, dequantize_nf4, state_tensors
 from qconv.kernels.nf4_gemv import code_planes, rows_launch
-from qconv.kernels.utils import FLOAT_DTYPES, is_interpreter
+from qconv.kernels.utils import FLOAT_DTYPES, is_interpreter, on_tensor_device
 
 if HAS_TRITON:
     import triton
@@ -336,6 +336,7 @@ class MatmulNF4Function(torch.autograd.Function):
         return dx, None, None, dbias
 
 
+@on_tensor_device
 def matmul_nf4(x: torch.Tensor, packed: torch.Tensor, quant_state: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The 4-bit Linear forward ``x @ W^T + bias`` (W: dequantized ``[out, in]`` weight), in ``x.dtype``.
 
