@@ -109,6 +109,29 @@ def test_patched_matches_stock(quantized_checkpoint_factory, fake_kernels, arch,
     assert not CALLS
 
 
+def test_patches_reach_modules_behind_accelerate_hooks(quantized_checkpoint_factory, fake_kernels):
+    """With device_map over several GPUs, accelerate wraps module forwards in hooks that call the forward bound
+    at dispatch time; a class swap must retarget it, or the hooked module silently stays stock."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    model, _ = runtime.from_pretrained(quantized_checkpoint_factory("llama"), dtype=torch.float32, patch=False)
+    norm = model.model.norm
+    stock_forward = type(norm).forward
+    add_hook_to_module(norm, ModelHook())
+    ops = patches.apply_patches(model)
+    assert "rms_norm" in ops and norm._old_forward.__func__ is type(norm).forward is not stock_forward
+    x = torch.randn(2, 3, norm.weight.shape[0])
+    CALLS.clear()
+    y = norm(x)
+    assert CALLS.get("rms_norm") == 1  # the hook ran the patched forward
+    torch.testing.assert_close(y, fake_rms_norm(x, norm.weight, norm.variance_epsilon))
+    patch_modules.unpatch_model(model)
+    assert norm._old_forward.__func__ is stock_forward
+    CALLS.clear()
+    norm(x)
+    assert not CALLS
+
+
 def test_loss_honours_num_items_in_batch(fake_kernels):
     loss = patch_modules.causal_lm_loss(fake_cross_entropy)
     logits = torch.randn(2, 5, 7)

@@ -15,6 +15,7 @@ import contextvars
 import functools
 import importlib
 import logging
+import types
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -33,11 +34,22 @@ def patched_class(cls: type, tag: str, make_forward: Callable[[type], Callable])
     return type(f"Qconv{cls.__name__}", (cls,), {"forward": make_forward(cls), "_qconv_patch": tag, "__module__": __name__})
 
 
+def set_module_class(module: "torch.nn.Module", cls: type) -> None:
+    """Swap ``module``'s class, keeping an accelerate hook (``device_map`` over several devices) pointed at the
+    new ``forward``: the hook calls ``module._old_forward``, the forward bound when the hook was added, which
+    would otherwise keep running the old class's code."""
+    previous = type(module)
+    module.__class__ = cls
+    old = module.__dict__.get("_old_forward")
+    if old is not None and getattr(old, "__func__", None) is previous.forward:
+        module._old_forward = types.MethodType(cls.forward, module)
+
+
 def unpatch_model(model: "torch.nn.Module") -> None:
     """Undo :func:`patch_model` (module classes and the loss); the RoPE dispatcher stays, inert."""
     for module in model.modules():
         if getattr(type(module), "_qconv_patch", None):
-            module.__class__ = type(module).__mro__[1]
+            set_module_class(module, type(module).__mro__[1])
     if getattr(model, "_qconv_loss", False):
         del model._loss_function
         model._qconv_loss = False
@@ -141,7 +153,7 @@ def patch_model(model: "torch.nn.Module", family: "FamilyPatch", kernel: Callabl
     for module in model.modules():
         sub = subclasses.get(type(module))
         if sub is not None:
-            module.__class__ = sub
+            set_module_class(module, sub)
     if family.cross_entropy and (fn := kernel("cross_entropy")):
         model.loss_function = causal_lm_loss(fn)
         model._qconv_loss = True
