@@ -107,11 +107,12 @@ def verify_files(ckpt: Checkpoint) -> None:
     """Check every file the manifest lists against its sha256; :class:`QconvError` on the first mismatch."""
     if ckpt.manifest is None:
         raise QconvError(f"{ckpt.directory}: verify=True needs {fmt.MANIFEST_NAME}, and this checkpoint has none")
-    for rel, expected in sorted(ckpt.manifest.files.items()):
-        path = fmt.safe_join(ckpt.directory, rel)
-        if not path.is_file():
-            raise QconvError(f"{path}: listed in {fmt.MANIFEST_NAME} but missing")
-        actual = fmt.sha256_file(path)
-        if actual != expected:
-            raise QconvError(f"{path}: sha256 mismatch (manifest {expected[:12]}..., file {actual[:12]}...); re-download or re-convert")
+    for check in fmt.check_manifest_files(ckpt.directory, ckpt.manifest):
+        if check.path is None:
+            raise QconvError(check.problem)
+        if check.problem == "missing":
+            raise QconvError(f"{check.path}: listed in {fmt.MANIFEST_NAME} but missing")
+        if check.problem == "sha256":
+            raise QconvError(f"{check.path}: sha256 mismatch (manifest {check.expected[:12]}..., file "
+                             f"{check.actual[:12]}...); re-download or re-convert")
     logger.info("verified %d files against %s", len(ckpt.manifest.files), fmt.MANIFEST_NAME)
