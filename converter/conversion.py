@@ -79,18 +79,15 @@ def convert(
     dev = resolve_device(device)
 
     with resolve_source(source, revision=revision, token=token) as src:
-        from qconv.converter.plan import build_plan, refuse_quantized_source, start_model_code_import, transformers_config
+        from qconv.converter.plan import build_plan
         from qconv.converter.tokenizer_fix import plan_tokenizer_fixes
 
         marks = {"source_s": time.perf_counter()}  # phase end times, turned into durations in stats["timings"]
-        refuse_quantized_source(src.config, src.checkpoint.infos, str(source))  # bad sources fail before any work
-        transformers_config(src.config, str(source))
-        start_model_code_import(src.config)  # overlaps the tokenizer work
+        plan = build_plan(src.config, src.checkpoint.infos, settings, where=str(source))
+        marks["plan_s"] = time.perf_counter()
         tok_plan = plan_tokenizer_fixes(src.directory, dict(src.config), src.checkpoint.read,
                                         fix=fix_tokenizer, fix_untrained=fix_untrained_tokens)
         marks["tokenizer_s"] = time.perf_counter()
-        plan = build_plan(src.config, src.checkpoint.infos, settings, where=str(source))
-        marks["plan_s"] = time.perf_counter()
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.parent / f".{out.name}.qconv-tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -93,25 +92,6 @@ def transformers_config(config: Mapping[str, Any], where: str):
     if model_type in encoders and not config.get("is_decoder", False):
         raise QconvError(f"{where}: model_type {model_type!r} is an encoder model, not a causal language model")
     return cfg
-
-
-def start_model_code_import(config: Mapping[str, Any]) -> threading.Thread:
-    """Import the modeling code ``build_plan`` will need (the architecture's transformers module, the bnb
-    quantizer) on a background thread, so that it overlaps other start-up work; errors are left for
-    ``build_plan`` to report."""
-
-    def work() -> None:
-        try:
-            from transformers.models.auto import modeling_auto as auto
-            from transformers.quantizers.auto import AutoHfQuantizer  # noqa: F401
-
-            auto.MODEL_FOR_CAUSAL_LM_MAPPING[type(transformers_config(config, "source"))]
-        except Exception:  # noqa: BLE001 - build_plan raises the real error
-            logger.debug("model code pre-import failed", exc_info=True)
-
-    thread = threading.Thread(target=work, name="qconv-import", daemon=True)
-    thread.start()
-    return thread
 
 
 def build_skeleton(hf_config, settings: QuantSettings):
