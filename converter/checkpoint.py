@@ -13,6 +13,7 @@ Large tensors are read by a few threads at once, in ``READ_CHUNK`` pieces (page 
 from __future__ import annotations
 
 import json
+import math
 import logging
 import os
 import queue
@@ -49,10 +50,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
