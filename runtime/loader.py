@@ -60,8 +60,9 @@ class _Staging:
         self._host_thread = threading.Thread(target=self._read_host, args=(host,), name="qconv-read-host", daemon=True)
         self._host_thread.start()
         threads = int(os.environ.get("QCONV_LOAD_THREADS", "8"))
-        # 8 x 8 MiB pinned: 64 MiB of host RSS while reading (H100: as fast as 16 MiB chunks, 64 MiB less peak)
-        chunk = int(os.environ.get("QCONV_LOAD_CHUNK_MB", "8")) << 20
+        # 8 x 16 MiB pinned: 128 MiB of host RSS while reading. 8 MiB chunks save 64 MiB of peak RSS but read
+        # slower (H100, A/B in one session: read phase 0.29-0.38 s vs 0.21-0.24 s; docs/benchmarks.md "Load")
+        chunk = int(os.environ.get("QCONV_LOAD_CHUNK_MB", "16")) << 20
         ring = os.environ.get("QCONV_LOAD_RING", "mmap")  # "torch": torch's pinned allocator (an A/B switch)
         self._uploader = RingUploader(dev, threads=threads, buffers=threads, chunk_bytes=chunk, own_ring=ring != "torch") if dev else None
 
