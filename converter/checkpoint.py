@@ -4,7 +4,7 @@ safetensors files are validated with ``safetensors.safe_open`` (header, offsets,
 with plain positioned reads into reusable buffers, not through a memory map: mapped pages of a large shard
 would stay resident (and count in RSS) until the file is closed. ``.bin`` files are read with
 ``torch.load(weights_only=True, mmap=True)``, one file at a time. Index files (``*.index.json``) are
-validated and every shard path goes through :func:`qconv.format.safe_join`.
+validated by :func:`qconv.safetensors_header.read_index` (every shard path through ``safe_join``).
 
 Large tensors are read by a few threads at once, in ``READ_CHUNK`` pieces (page cache -> memory runs at
 ~4 GB/s per thread). The source content hash is computed apart (:mod:`qconv.converter.source_hash`).
@@ -12,7 +12,6 @@ Large tensors are read by a few threads at once, in ``READ_CHUNK`` pieces (page 
 
 from __future__ import annotations
 
-import json
 import math
 import logging
 import os
@@ -27,8 +26,7 @@ from typing import Callable, Iterator, Mapping
 import torch
 
 from qconv.errors import QconvError
-from qconv.format import safe_join
-from qconv.safetensors_header import read_header
+from qconv.safetensors_header import read_header, read_index
 
 logger = logging.getLogger(__name__)
 
@@ -129,21 +127,8 @@ def memory_checkpoint(tensors: Mapping[str, torch.Tensor]) -> Checkpoint:
 
 def _index_files(directory: Path, index_name: str) -> dict[Path, set[str]]:
     """Shard path -> names the index puts there; every path checked to exist inside ``directory``."""
-    index_path = directory / index_name
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise QconvError(f"{index_path}: not a readable JSON index ({exc})") from exc
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise QconvError(f"{index_path}: no 'weight_map' object in the index")
     files: dict[Path, set[str]] = {}
-    for name, rel in weight_map.items():
-        if not isinstance(rel, str):
-            raise QconvError(f"{index_path}: weight_map[{name!r}] is not a file name")
-        path = safe_join(directory, rel)
-        if not path.is_file():
-            raise QconvError(f"{index_path}: shard {rel!r} (for {name!r}) does not exist")
+    for name, path in read_index(directory, index_name).items():
         files.setdefault(path, set()).add(name)
     return files
 

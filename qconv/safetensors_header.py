@@ -166,18 +166,19 @@ def _check_packed(path: Path, entries: Iterable[TensorEntry], data_start: int, s
         raise QconvError(f"{path}: {size - pos} bytes after the last tensor (corrupt safetensors file)")
 
 
-def read_index(directory: str | os.PathLike) -> dict[str, Path]:
-    """``weight_map`` of ``model.safetensors.index.json``: tensor name -> shard path inside ``directory``.
+def read_index(directory: str | os.PathLike, index_name: str = INDEX_NAME) -> dict[str, Path]:
+    """``weight_map`` of the index ``index_name`` (default ``model.safetensors.index.json``; the same layout
+    serves ``pytorch_model.bin.index.json``): tensor name -> shard path inside ``directory``.
 
     Every shard path goes through :func:`qconv.format.safe_join`; QconvError for an unreadable index, an
     empty or malformed weight map, or a listed shard that does not exist.
     """
     directory = Path(directory)
-    path = directory / INDEX_NAME
+    path = directory / index_name
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise QconvError(f"{path}: not a readable safetensors index ({exc})") from exc
+        raise QconvError(f"{path}: not a readable JSON index ({exc})") from exc
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise QconvError(f"{path}: no 'weight_map' object in the index")
@@ -189,7 +190,7 @@ def read_index(directory: str | os.PathLike) -> dict[str, Path]:
     missing = sorted({p.name for p in out.values() if not p.is_file()})
     if missing:
         raise QconvError(
-            f"{directory}: shard {missing[0]} listed in {INDEX_NAME} is missing"
+            f"{directory}: shard {missing[0]} listed in {index_name} is missing (the file does not exist)"
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
         )
     return out
