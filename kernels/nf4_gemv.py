@@ -121,14 +121,21 @@ if HAS_TRITON:
 
     @triton.jit
     def _load_group(w_ptr, absmax_ptr, nested_absmax_ptr, n, c, i, c_ok, kblk, row_words, blocks_per_row, N,
-                    NESTED: tl.constexpr, NESTED_BS: tl.constexpr, INT64: tl.constexpr):
-        """Weight words [R, C, 4] of rows ``n`` and their blocks' absmax (uint8 + nested absmax, or float32)."""
+                    NESTED: tl.constexpr, NESTED_BS: tl.constexpr, INT64: tl.constexpr, EVICT_FIRST: tl.constexpr):
+        """Weight words [R, C, 4] of rows ``n`` and their blocks' absmax (uint8 + nested absmax, or float32).
+
+        ``EVICT_FIRST``: the words are read once per call, so their L2 lines are marked evict-first: they
+        replace each other instead of pushing out (and, when dirty, writing back) what else L2 holds.
+        """
         n_ok = n < N
         if INT64:
             n = n.to(tl.int64)
         ok = n_ok[:, None] & c_ok[None, :]
-        words = tl.load(w_ptr + (n[:, None, None] * row_words + c[None, :, None] * 4 + i[None, None, :]),
-                        mask=ok[:, :, None], other=0)
+        w_ptrs = w_ptr + (n[:, None, None] * row_words + c[None, :, None] * 4 + i[None, None, :])
+        if EVICT_FIRST:
+            words = tl.load(w_ptrs, mask=ok[:, :, None], other=0, eviction_policy="evict_first")
+        else:
+            words = tl.load(w_ptrs, mask=ok[:, :, None], other=0)
         blk = n[:, None] * blocks_per_row + kblk[None, :]
         if NESTED:
             qa = tl.load(absmax_ptr + blk, mask=ok, other=0)
@@ -144,7 +151,7 @@ if HAS_TRITON:
         N, K, t0, t1, t2, t3, t4, t5, t6, t7,
         HALF_BS: tl.constexpr, C: tl.constexpr, R: tl.constexpr, NESTED: tl.constexpr, NESTED_BS: tl.constexpr,
         HAS_BIAS: tl.constexpr, LOOKUP_ASM: tl.constexpr, EVEN_K: tl.constexpr, INT64: tl.constexpr,
-        EARLY: tl.constexpr = False, PROBE: tl.constexpr = 0,
+        EVICT_FIRST: tl.constexpr = True, EARLY: tl.constexpr = False, PROBE: tl.constexpr = 0,
     ):
         pid = tl.program_id(0)
         n_prog = tl.num_programs(0)
@@ -162,7 +169,7 @@ if HAS_TRITON:
         # the first group's loads go out before x is read; later groups are prefetched one ahead in
         # registers (ptxas issues those loads late in the loop body, before the row reduction)
         words, qa, nab = _load_group(w_ptr, absmax_ptr, nested_absmax_ptr, pid * R + r, c, i, c_ok, kblk,
-                                     row_words, blocks_per_row, N, NESTED, NESTED_BS, INT64)
+                                     row_words, blocks_per_row, N, NESTED, NESTED_BS, INT64, EVICT_FIRST)
         # x in one vectorized load [C, 4, 8], split in registers into the 8 element positions of a word
         p = tl.arange(0, 8)
         xa = tl.load(x_ptr + c[:, None, None] * 32 + i[None, :, None] * 8 + p[None, None, :],
@@ -177,7 +184,8 @@ if HAS_TRITON:
         x3, x7 = tl.split(x37)
         for n0 in range(pid * R, N, step):
             nx_words, nx_qa, nx_nab = _load_group(w_ptr, absmax_ptr, nested_absmax_ptr, n0 + step + r, c, i, c_ok,
-                                                  kblk, row_words, blocks_per_row, N, NESTED, NESTED_BS, INT64)
+                                                  kblk, row_words, blocks_per_row, N, NESTED, NESTED_BS, INT64,
+                                                  EVICT_FIRST)
             if EARLY:  # a barrier keeps ptxas from sinking the prefetch below this group's compute
                 tl.debug_barrier()
             if PROBE == 2:  # benchmark probe (wrong results): loads and reductions only
@@ -210,7 +218,10 @@ if HAS_TRITON:
 #: Launch parameters of the rows kernel, by the row length of the weight in bytes (K/2, H100 sweep in
 #: docs/benchmarks.md): ``(largest K/2, rows per step, warps, programs per SM)``; the last entry covers
 #: longer rows.
-ROWS_CONFIGS = [(2048, 2, 8, 4), (1 << 62, 2, 16, 1)]
+ROWS_CONFIGS = [(2048, 4, 4, 2), (1 << 62, 2, 8, 1)]
+#: Mark the weight words' L2 lines evict-first (H100 sweep, GPU time: 14336x4096 0.0268 -> 0.0261 ms,
+#: 4096x14336 0.0323 -> 0.0300 ms; docs/benchmarks.md).
+ROWS_EVICT_FIRST = True
 #: Under the interpreter each program instance costs ~2.5 ms: one program for all rows.
 INTERPRETER_ROWS = 16
 
@@ -226,7 +237,8 @@ def rows_config(K: int) -> tuple[int, int, int]:
 def rows_launch(x: torch.Tensor, words: torch.Tensor, state: tuple, planes: tuple[int, ...] | None,
                 f: dict[str, Any], bias: torch.Tensor | None, out: torch.Tensor, sm_count: int,
                 r: int | None = None, num_warps: int | None = None, per_sm: int | None = None,
-                lookup_asm: bool | None = None, early: bool = False, probe: int = 0) -> tuple[tuple, list, dict]:
+                lookup_asm: bool | None = None, early: bool = False, probe: int = 0,
+                evict_first: bool | None = None) -> tuple[tuple, list, dict]:
     """Grid, positional arguments and launch options of the rows kernel for one row ``x`` [K]."""
     from qconv.kernels.utils import is_interpreter
 
@@ -246,7 +258,8 @@ def rows_launch(x: torch.Tensor, words: torch.Tensor, state: tuple, planes: tupl
     args = [x, words, absmax, table, nested_code, nested_absmax, offset, bias if bias is not None else x, out, N, K, *t]
     consts = dict(HALF_BS=f["blocksize"] // 2, C=chunks, R=r, NESTED=f["nested"], NESTED_BS=nested_bs,
                   HAS_BIAS=bias is not None, LOOKUP_ASM=bool(lookup_asm), EVEN_K=chunks * 32 == K,
-                  INT64=N * K // 2 >= 2**31, EARLY=bool(early), PROBE=int(probe))
+                  INT64=N * K // 2 >= 2**31, EARLY=bool(early), PROBE=int(probe),
+                  EVICT_FIRST=ROWS_EVICT_FIRST if evict_first is None else bool(evict_first))
     return grid, args, dict(consts, num_warps=num_warps)
 
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from qconv import format as fmt
 from qconv.errors import QconvError
 from qconv.runtime import checkpoint as ckpt_mod
+from qconv.runtime.gc_pause import gc_paused
 from qconv.runtime.memory import host_rss_mib
 from qconv.runtime.shard_reader import RingUploader, as_typed, read_direct
 from qconv.safetensors_header import ShardHeader, TensorEntry, merge_tensors, read_header
@@ -209,7 +210,25 @@ def from_pretrained(
     ``model._qconv`` records what happened (directory, revision, patched ops, replayed tokenizer fixes,
     whether transformers had to load a checkpoint whose names need its renaming rules, phase timings in
     ``timings`` and, on Linux, host memory at each phase in ``rss_mib``: ``[VmRSS, VmHWM]`` in MiB).
+    Python's cyclic garbage collector is paused during the call and restored afterwards
+    (:mod:`qconv.runtime.gc_pause`); ``timings["gc_collect_s"]`` is the one collection that replaces
+    the ones the imports would have triggered.
     """
+    gc_stats: dict[str, float] = {}
+    with gc_paused(gc_stats):
+        model, tokenizer = _load(
+            name_or_path, max_seq_length=max_seq_length, dtype=dtype, device_map=device_map, patch=patch,
+            fix_tokenizer=fix_tokenizer, trust_remote_code=trust_remote_code, revision=revision, token=token,
+            verify=verify)
+    info = getattr(model, "_qconv", None)
+    if isinstance(info, dict):
+        info.setdefault("timings", {}).update(gc_stats)
+    return model, tokenizer
+
+
+def _load(name_or_path: str | os.PathLike, *, max_seq_length: int | None, dtype: Any, device_map: Any, patch: bool,
+          fix_tokenizer: bool, trust_remote_code: bool, revision: str | None, token: str | None, verify: bool):
+    """The body of :func:`from_pretrained` (run with the garbage collector paused)."""
     start = time.perf_counter()
     marks: dict[str, float] = {}
     rss: dict[str, tuple[float, float]] = {}  # phase -> (VmRSS, VmHWM) MiB, Linux only

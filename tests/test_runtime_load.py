@@ -6,6 +6,7 @@ depend on the converter. Logits must be bit-identical with patch=False.
 
 from __future__ import annotations
 
+import gc
 import sys
 
 import pytest
@@ -94,6 +95,7 @@ def test_quantized_modules_and_attributes(quantized_checkpoint_factory):
         assert all(0 < now <= peak for now, peak in rss.values())
         peaks = [peak for name, (_, peak) in rss.items() if name != "reading_started"]  # that one: another thread
         assert peaks == sorted(peaks)  # a high-water mark never falls
+    assert gc.isenabled() and model._qconv["timings"]["gc_collect_s"] >= 0.0  # the GC pause is over
 
 
 def test_tied_embeddings_share_storage(quantized_checkpoint_factory):
