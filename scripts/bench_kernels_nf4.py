@@ -39,8 +39,8 @@ def _do_bench(fn: Callable[[], Any]) -> float:
     return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
-def _graph_bench(fn: Callable[[], Any]) -> float:
-    """Median ms of one CUDA-graph replay of ``fn``: GPU time without Python/launch overhead."""
+def _capture(fn: Callable[[], Any]) -> torch.cuda.CUDAGraph:
+    """``fn`` captured in a CUDA graph (after three warm-up calls on a side stream)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -50,7 +50,12 @@ def _graph_bench(fn: Callable[[], Any]) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return _do_bench(graph.replay)
+    return graph
+
+
+def _graph_bench(fn: Callable[[], Any]) -> float:
+    """Median ms of one CUDA-graph replay of ``fn``: GPU time without Python/launch overhead."""
+    return _do_bench(_capture(fn).replay)
 
 
 def _host_us(fn: Callable[[], Any], calls: int = 200) -> float:
@@ -75,15 +80,7 @@ def _graph_bench_clean(fn: Callable[[], Any], reps: int = 100) -> float:
     every line it reads first forces a write-back to DRAM: a streaming read then pays for a write too.
     Here the flush reads 256 MB instead (as in decoding, where the previous kernels mostly read weights).
     """
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph = _capture(fn)
     flush = torch.empty(64 << 20, dtype=torch.int32, device="cuda").fill_(1)
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
