@@ -14,7 +14,6 @@ back-to-back call (helpers of ``bench_kernels_nf4.py``). RoPE rows: forward + ba
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
@@ -22,18 +21,8 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).parent
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_gemv import _load, log  # noqa: E402  (the sibling script's loader and logger)
 
 
 #: GEMV (tile kernel) configs: (block_n, step_bytes, num_warps)
