@@ -4,9 +4,8 @@ Importing torch, transformers and bitsandbytes creates millions of long-lived ob
 collector on, CPython traverses the growing heap again and again along the way (young collections
 every few hundred allocations, full ones each time the heap grew by a quarter): measured 1.2-1.4 s of a
 10-11 s cold start on the GPU machine (0.6 s paused; docs/benchmarks.md). Paused, that work becomes one
-full collection at the end of the
-call, and only when the call imported something (a warm process pays nothing). The collector's
-previous state is restored in every case, errors included; nothing is frozen or left disabled.
+full collection at the end of the call, and only when the call imported something (a warm process pays
+nothing). The collector's previous state is restored in every case, errors included; nothing is frozen or left disabled.
 ``QCONV_GC_PAUSE=0`` leaves the collector alone (an A/B switch for ``scripts/bench_load.py``).
 """
 
