@@ -7,7 +7,7 @@ group it reads whole rows of packed weight as 32-bit words ``[R, C, 4]`` (each t
 contiguous bytes of a row: one 128-bit load), turns each word into its 8 code values, multiplies them
 with the matching x values and sums the 32 products of a 16-byte chunk in float32; the chunk sum is
 scaled by its quantization block's absmax (nested dequantization once per chunk), and each row is
-reduced once. The next group's words and absmax are loaded one group ahead, in registers. Rows of
+reduced once. Later groups' words and absmax are loaded ``AHEAD`` (1 or 2) groups ahead, in registers. Rows of
 ``K`` elements with ``K/32`` not a power of two are padded to the next power of two (masked).
 
 Code lookup (constexpr ``LOOKUP_ASM``):
@@ -18,6 +18,13 @@ Code lookup (constexpr ``LOOKUP_ASM``):
   most 2^-11 relative; used for bf16/fp16 x.
 * False: one 4-byte L1 gather per value from the float32 code (exact; float32 x, codes float16
   cannot hold, and Triton's interpreter, which cannot run inline assembly).
+
+``HALF2`` (with the register lookup; the default): the lookup's float16 pairs are multiplied with x in
+float16 pairs and summed per 16-byte chunk with ``fma.rn.f16x2`` (16 instructions for 32 products instead
+of 32 conversions and 32 float32 FMAs; ~26% fewer instructions in the loop); only the chunk sums are
+float32. x is first scaled by a power of two that brings max |x| into [2^9, 2^10) (32 products of
+|code| <= 1 cannot overflow float16; exact for bf16/fp16 x unless an element is 2^-24 below the largest)
+and y is scaled back.
 
 ``EARLY`` (a barrier after the prefetch loads) and ``PROBE`` (no code lookup: wrong results, a
 benchmark probe of what the loads and reductions alone cost) exist for ``scripts/bench_gemv.py``.
@@ -37,50 +44,72 @@ if HAS_TRITON:
     import triton.language as tl
 
 
+def _lookup_lines(word: str, low: tuple[str, ...], high: tuple[str, ...]) -> list[str]:
+    """PTX lines: ``word`` (8 nibbles) -> float16 pairs ``p0..p3`` (``pj`` = elements 2j | 2j+1 << 16).
+
+    ``low``/``high``: the registers holding the low/high bytes of the float16 code (entries 0-3, 4-7,
+    8-11, 12-15). Nibble j of the word is element ``j ^ 1`` (high nibble first within a byte).
+    """
+    l0, l1, l2, l3 = low
+    h0, h1, h2, h3 = high
+    return [
+        f"and.b32 m, {word}, 0x77777777;",
+        f"and.b32 s, {word}, 0x88888888;",
+        "shr.u32 s, s, 1;",
+        "or.b32 s, s, 0x32103210;",
+        "shr.u32 s2, s, 16;",
+        "shr.u32 m2, m, 16;",
+        f"prmt.b32 a, {l0}, {l1}, m;",
+        f"prmt.b32 b, {l2}, {l3}, m;",
+        "prmt.b32 l0, a, b, s;",
+        f"prmt.b32 a, {h0}, {h1}, m;",
+        f"prmt.b32 b, {h2}, {h3}, m;",
+        "prmt.b32 h0, a, b, s;",
+        f"prmt.b32 a, {l0}, {l1}, m2;",
+        f"prmt.b32 b, {l2}, {l3}, m2;",
+        "prmt.b32 l1, a, b, s2;",
+        f"prmt.b32 a, {h0}, {h1}, m2;",
+        f"prmt.b32 b, {h2}, {h3}, m2;",
+        "prmt.b32 h1, a, b, s2;",
+        "prmt.b32 p0, l0, h0, 0x4051;",
+        "prmt.b32 p1, l0, h0, 0x6273;",
+        "prmt.b32 p2, l1, h1, 0x4051;",
+        "prmt.b32 p3, l1, h1, 0x6273;",
+    ]
+
+
+_LOOKUP_REGS = ".reg .b32 m, s, s2, m2, a, b, l0, h0, l1, h1, p0, p1, p2, p3;"
+
+
 def _lookup_asm() -> str:
     """PTX: word ``$8`` (8 nibbles) -> ``$0..$7`` float32 code values in element order.
 
     ``$9..$12`` hold the low bytes of the float16 code (entries 0-3, 4-7, 8-11, 12-15), ``$13..$16``
-    the high bytes. Nibble j of the word is element ``j ^ 1`` (high nibble first within a byte).
+    the high bytes.
     """
-    return """{
-.reg .b32 m, s, s2, m2, a, b, l0, h0, l1, h1, p0, p1, p2, p3;
-.reg .b16 e0, e1, e2, e3, e4, e5, e6, e7;
-and.b32 m, $8, 0x77777777;
-and.b32 s, $8, 0x88888888;
-shr.u32 s, s, 1;
-or.b32 s, s, 0x32103210;
-shr.u32 s2, s, 16;
-shr.u32 m2, m, 16;
-prmt.b32 a, $9, $10, m;
-prmt.b32 b, $11, $12, m;
-prmt.b32 l0, a, b, s;
-prmt.b32 a, $13, $14, m;
-prmt.b32 b, $15, $16, m;
-prmt.b32 h0, a, b, s;
-prmt.b32 a, $9, $10, m2;
-prmt.b32 b, $11, $12, m2;
-prmt.b32 l1, a, b, s2;
-prmt.b32 a, $13, $14, m2;
-prmt.b32 b, $15, $16, m2;
-prmt.b32 h1, a, b, s2;
-prmt.b32 p0, l0, h0, 0x4051;
-prmt.b32 p1, l0, h0, 0x6273;
-prmt.b32 p2, l1, h1, 0x4051;
-prmt.b32 p3, l1, h1, 0x6273;
-mov.b32 {e0, e1}, p0;
-mov.b32 {e2, e3}, p1;
-mov.b32 {e4, e5}, p2;
-mov.b32 {e6, e7}, p3;
-cvt.f32.f16 $0, e0;
-cvt.f32.f16 $1, e1;
-cvt.f32.f16 $2, e2;
-cvt.f32.f16 $3, e3;
-cvt.f32.f16 $4, e4;
-cvt.f32.f16 $5, e5;
-cvt.f32.f16 $6, e6;
-cvt.f32.f16 $7, e7;
-}"""
+    lines = [_LOOKUP_REGS, ".reg .b16 e0, e1, e2, e3, e4, e5, e6, e7;"]
+    lines += _lookup_lines("$8", ("$9", "$10", "$11", "$12"), ("$13", "$14", "$15", "$16"))
+    lines += [f"mov.b32 {{e{2 * j}, e{2 * j + 1}}}, p{j};" for j in range(4)]
+    lines += [f"cvt.f32.f16 ${j}, e{j};" for j in range(8)]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+def _chunk_dot_asm() -> str:
+    """PTX: the dot product of one 16-byte chunk (4 words, 32 values) with x, in float16 pairs.
+
+    ``$1..$4``: the words; ``$5..$8`` / ``$9..$12``: low / high bytes of the float16 code; ``$13..$28``:
+    x as float16 pairs, ``$(13 + 4 i + j)`` = elements 2j | 2j+1 of word i. Each half of one ``f16x2``
+    accumulator sums 16 products (``fma.rn.f16x2``); ``$0`` = float32 sum of the two halves. x must be
+    scaled so that 32 products cannot overflow float16 (the kernel brings max |x| into [2^9, 2^10)).
+    """
+    lines = [_LOOKUP_REGS, ".reg .b32 acc;", ".reg .b16 lo, hi;", ".reg .f32 flo, fhi;"]
+    for i in range(4):
+        lines += _lookup_lines(f"${1 + i}", ("$5", "$6", "$7", "$8"), ("$9", "$10", "$11", "$12"))
+        for j in range(4):
+            xp = f"${13 + 4 * i + j}"
+            lines.append(f"mul.rn.f16x2 acc, p0, {xp};" if i == j == 0 else f"fma.rn.f16x2 acc, p{j}, {xp}, acc;")
+    lines += ["mov.b32 {lo, hi}, acc;", "cvt.f32.f16 flo, lo;", "cvt.f32.f16 fhi, hi;", "add.f32 $0, flo, fhi;"]
+    return "{\n" + "\n".join(lines) + "\n}"
 
 
 def code_planes(code: torch.Tensor) -> tuple[int, ...] | None:
@@ -120,6 +149,28 @@ if HAS_TRITON:
                     tl.load(code_ptr + ((w >> 28) & 15)), tl.load(code_ptr + ((w >> 24) & 15)))
 
     @triton.jit
+    def _split4(t):
+        """The four slices ``t[..., 0]`` .. ``t[..., 3]`` of a tensor whose last axis has length 4."""
+        t = tl.reshape(t, t.shape[:-1] + [2, 2])
+        even, odd = tl.split(t)  # last axis: the index's low bit
+        t0, t2 = tl.split(even)
+        t1, t3 = tl.split(odd)
+        return t0, t1, t2, t3
+
+    @triton.jit
+    def _half2_pairs(xa):
+        """x [C, 4, 8] (float32, already scaled) as float16 pairs: 16 int32 tensors [C], pair j of word i at 4i + j."""
+        lo, hi = tl.split(tl.reshape(xa, (xa.shape[0], 4, 4, 2)))
+        lo = lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        hi = hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16
+        q0, q1, q2, q3 = _split4(lo | hi)  # pair j: [C, 4 words]
+        a0, a1, a2, a3 = _split4(q0)
+        b0, b1, b2, b3 = _split4(q1)
+        c0, c1, c2, c3 = _split4(q2)
+        d0, d1, d2, d3 = _split4(q3)
+        return a0, b0, c0, d0, a1, b1, c1, d1, a2, b2, c2, d2, a3, b3, c3, d3
+
+    @triton.jit
     def _load_group(w_ptr, absmax_ptr, nested_absmax_ptr, n, c, i, c_ok, kblk, row_words, blocks_per_row, N,
                     NESTED: tl.constexpr, NESTED_BS: tl.constexpr, INT64: tl.constexpr, EVICT_FIRST: tl.constexpr):
         """Weight words [R, C, 4] of rows ``n`` and their blocks' absmax (uint8 + nested absmax, or float32).
@@ -151,7 +202,8 @@ if HAS_TRITON:
         N, K, t0, t1, t2, t3, t4, t5, t6, t7,
         HALF_BS: tl.constexpr, C: tl.constexpr, R: tl.constexpr, NESTED: tl.constexpr, NESTED_BS: tl.constexpr,
         HAS_BIAS: tl.constexpr, LOOKUP_ASM: tl.constexpr, EVEN_K: tl.constexpr, INT64: tl.constexpr,
-        EVICT_FIRST: tl.constexpr = True, EARLY: tl.constexpr = False, PROBE: tl.constexpr = 0,
+        EVICT_FIRST: tl.constexpr = True, HALF2: tl.constexpr = False, AHEAD: tl.constexpr = 1,
+        EARLY: tl.constexpr = False, PROBE: tl.constexpr = 0,
     ):
         pid = tl.program_id(0)
         n_prog = tl.num_programs(0)
@@ -166,15 +218,19 @@ if HAS_TRITON:
         blocks_per_row = K // (2 * HALF_BS)
         kblk = (c * 16) // HALF_BS  # quantization block of each chunk within its row
         step = n_prog * R
-        # the first group's loads go out before x is read; later groups are prefetched one ahead in
+        # the first group's loads go out before x is read; later groups are prefetched AHEAD groups ahead in
         # registers (ptxas issues those loads late in the loop body, before the row reduction)
         words, qa, nab = _load_group(w_ptr, absmax_ptr, nested_absmax_ptr, pid * R + r, c, i, c_ok, kblk,
                                      row_words, blocks_per_row, N, NESTED, NESTED_BS, INT64, EVICT_FIRST)
+        if AHEAD == 2:  # and the second group's
+            words2, qa2, nab2 = _load_group(w_ptr, absmax_ptr, nested_absmax_ptr, pid * R + step + r, c, i, c_ok,
+                                            kblk, row_words, blocks_per_row, N, NESTED, NESTED_BS, INT64,
+                                            EVICT_FIRST)
         # x in one vectorized load [C, 4, 8], split in registers into the 8 element positions of a word
         p = tl.arange(0, 8)
-        xa = tl.load(x_ptr + c[:, None, None] * 32 + i[None, :, None] * 8 + p[None, None, :],
+        xf = tl.load(x_ptr + c[:, None, None] * 32 + i[None, :, None] * 8 + p[None, None, :],
                      mask=c_ok[:, None, None], other=0).to(tl.float32)
-        xa = tl.reshape(xa, (C, 4, 2, 2, 2))
+        xa = tl.reshape(xf, (C, 4, 2, 2, 2))
         xa, xb = tl.split(xa)  # even | odd p (tl.split takes the last axis: p's lowest bit)
         x04, x26 = tl.split(xa)
         x15, x37 = tl.split(xb)
@@ -182,13 +238,29 @@ if HAS_TRITON:
         x2, x6 = tl.split(x26)
         x1, x5 = tl.split(x15)
         x3, x7 = tl.split(x37)
+        if HALF2:  # x scaled by a power of two 2^-e that brings max |x| into [2^9, 2^10), as float16 pairs
+            e = (tl.max(tl.abs(xf)).to(tl.int32, bitcast=True) >> 23) & 0xFF
+            e = tl.minimum(tl.maximum(e, 20), 255)  # x all zero or below 2^-107: no scaling up beyond 2^116
+            scale = ((263 - e) << 23).to(tl.float32, bitcast=True)
+            unscale = ((e - 9) << 23).to(tl.float32, bitcast=True)
+            xp = _half2_pairs(xf * scale)
         for n0 in range(pid * R, N, step):
-            nx_words, nx_qa, nx_nab = _load_group(w_ptr, absmax_ptr, nested_absmax_ptr, n0 + step + r, c, i, c_ok,
-                                                  kblk, row_words, blocks_per_row, N, NESTED, NESTED_BS, INT64,
+            nx_words, nx_qa, nx_nab = _load_group(w_ptr, absmax_ptr, nested_absmax_ptr, n0 + AHEAD * step + r, c, i,
+                                                  c_ok, kblk, row_words, blocks_per_row, N, NESTED, NESTED_BS, INT64,
                                                   EVICT_FIRST)
             if EARLY:  # a barrier keeps ptxas from sinking the prefetch below this group's compute
                 tl.debug_barrier()
-            if PROBE == 2:  # benchmark probe (wrong results): loads and reductions only
+            if HALF2:
+                w0, w1, w2, w3 = _split4(words)
+                chunk = tl.inline_asm_elementwise(
+                    _CHUNK_DOT_ASM, "=f" + ",r" * 28,
+                    [w0, w1, w2, w3, t0, t1, t2, t3, t4, t5, t6, t7,
+                     xp[0][None, :], xp[1][None, :], xp[2][None, :], xp[3][None, :],
+                     xp[4][None, :], xp[5][None, :], xp[6][None, :], xp[7][None, :],
+                     xp[8][None, :], xp[9][None, :], xp[10][None, :], xp[11][None, :],
+                     xp[12][None, :], xp[13][None, :], xp[14][None, :], xp[15][None, :]],
+                    dtype=tl.float32, is_pure=True, pack=1)  # [R, C]
+            elif PROBE == 2:  # benchmark probe (wrong results): loads and reductions only
                 dot = words.to(tl.float32, bitcast=True) * x0[None]
             else:
                 if PROBE == 1:  # benchmark probe (wrong results): no code lookup, the words' bits as float32
@@ -199,35 +271,46 @@ if HAS_TRITON:
                                                                   LOOKUP_ASM)
                 dot = v0 * x0[None] + v1 * x1[None] + v2 * x2[None] + v3 * x3[None]
                 dot += v4 * x4[None] + v5 * x5[None] + v6 * x6[None] + v7 * x7[None]
-            chunk = tl.sum(dot, axis=2)  # [R, C]
+            if not HALF2:
+                chunk = tl.sum(dot, axis=2)  # [R, C]
             if NESTED:
                 absmax = tl.load(nested_code_ptr + qa) * nab + tl.load(offset_ptr)
             else:
                 absmax = qa
             y = tl.sum(chunk * absmax, axis=1)  # [R]
+            if HALF2:
+                y = y * unscale
             n = n0 + r
             n_ok = n < N
             if HAS_BIAS:
                 y += tl.load(bias_ptr + n, mask=n_ok, other=0).to(tl.float32)
             tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
-            words, qa, nab = nx_words, nx_qa, nx_nab
+            if AHEAD == 2:
+                words, qa, nab = words2, qa2, nab2
+                words2, qa2, nab2 = nx_words, nx_qa, nx_nab
+            else:
+                words, qa, nab = nx_words, nx_qa, nx_nab
 
     _LOOKUP_ASM = tl.constexpr(_lookup_asm())
+    _CHUNK_DOT_ASM = tl.constexpr(_chunk_dot_asm())
 
 
 #: Launch parameters of the rows kernel, by the row length of the weight in bytes (K/2, H100 sweep in
-#: docs/benchmarks.md): ``(largest K/2, rows per step, warps, programs per SM)``; the last entry covers
-#: longer rows.
-ROWS_CONFIGS = [(2048, 4, 4, 2), (1 << 62, 2, 8, 1)]
+#: docs/benchmarks.md): ``(largest K/2, rows per step, warps, programs per SM, groups loaded ahead)``;
+#: the last entry covers longer rows.
+ROWS_CONFIGS = [(2048, 4, 4, 2, 1), (1 << 62, 2, 8, 1, 1)]
 #: Mark the weight words' L2 lines evict-first (H100 sweep, GPU time: 14336x4096 0.0268 -> 0.0261 ms,
 #: 4096x14336 0.0323 -> 0.0300 ms; docs/benchmarks.md).
 ROWS_EVICT_FIRST = True
+#: With the register lookup, multiply and sum each 16-byte chunk in float16 pairs (``fma.rn.f16x2``,
+#: x scaled by a power of two) instead of float32 (see ``_chunk_dot_asm``).
+ROWS_HALF2 = True
 #: Under the interpreter each program instance costs ~2.5 ms: one program for all rows.
 INTERPRETER_ROWS = 16
 
 
-def rows_config(K: int) -> tuple[int, int, int]:
-    """``(rows per step, warps, programs per SM)`` for rows of ``K`` elements."""
+def rows_config(K: int) -> tuple[int, int, int, int]:
+    """``(rows per step, warps, programs per SM, groups loaded ahead)`` for rows of ``K`` elements."""
     for limit, *config in ROWS_CONFIGS:
         if K // 2 <= limit:
             return tuple(config)
@@ -238,16 +321,20 @@ def rows_launch(x: torch.Tensor, words: torch.Tensor, state: tuple, planes: tupl
                 f: dict[str, Any], bias: torch.Tensor | None, out: torch.Tensor, sm_count: int,
                 r: int | None = None, num_warps: int | None = None, per_sm: int | None = None,
                 lookup_asm: bool | None = None, early: bool = False, probe: int = 0,
-                evict_first: bool | None = None) -> tuple[tuple, list, dict]:
+                evict_first: bool | None = None, half2: bool | None = None,
+                ahead: int | None = None) -> tuple[tuple, list, dict]:
     """Grid, positional arguments and launch options of the rows kernel for one row ``x`` [K]."""
     from qconv.kernels.utils import is_interpreter
 
     N, K = f["shape"]
-    cr, cw, cp = rows_config(K)
+    cr, cw, cp, ca = rows_config(K)
     interp = is_interpreter()
     r = r or (INTERPRETER_ROWS if interp else cr)
     num_warps = num_warps or (4 if interp else cw)
     per_sm = per_sm or cp
+    ahead = ahead or ca
+    if ahead not in (1, 2):
+        raise ValueError(f"rows kernel: ahead must be 1 or 2 groups, got {ahead}")
     if lookup_asm is None:
         lookup_asm = planes is not None and not interp and x.dtype != torch.float32
     chunks = 1 << max(0, (K // 32 - 1).bit_length())
@@ -258,8 +345,9 @@ def rows_launch(x: torch.Tensor, words: torch.Tensor, state: tuple, planes: tupl
     args = [x, words, absmax, table, nested_code, nested_absmax, offset, bias if bias is not None else x, out, N, K, *t]
     consts = dict(HALF_BS=f["blocksize"] // 2, C=chunks, R=r, NESTED=f["nested"], NESTED_BS=nested_bs,
                   HAS_BIAS=bias is not None, LOOKUP_ASM=bool(lookup_asm), EVEN_K=chunks * 32 == K,
-                  INT64=N * K // 2 >= 2**31, EARLY=bool(early), PROBE=int(probe),
-                  EVICT_FIRST=ROWS_EVICT_FIRST if evict_first is None else bool(evict_first))
+                  INT64=N * K // 2 >= 2**31, AHEAD=int(ahead), EARLY=bool(early), PROBE=int(probe),
+                  EVICT_FIRST=ROWS_EVICT_FIRST if evict_first is None else bool(evict_first),
+                  HALF2=bool(lookup_asm) and (ROWS_HALF2 if half2 is None else bool(half2)) and not probe)
     return grid, args, dict(consts, num_warps=num_warps)
 
 

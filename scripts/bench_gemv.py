@@ -2,8 +2,8 @@
 
     python scripts/bench_gemv.py [--sweep] [--seconds 200] [--json OUT.json]
 
-``--sweep`` first times the ``rows`` kernel's launch parameters (rows per step, warps, programs per SM,
-L2 evict-first on or off, code lookup) and two probes without the code lookup for the two Llama MLP
+``--sweep`` first times the ``rows`` kernel's launch parameters (rows per step, warps, programs per SM;
+then float32 instead of float16-pair sums, L2 evict-first off, and the gather lookup for the old default) and two probes without the code lookup for the two Llama MLP
 shapes: every config is checked against the float64 reference (configs that are wrong are skipped
 loudly) and timed as GPU time (CUDA-graph replay); the fastest checked config per shape becomes the
 default for the rest of the run. The table then compares ``matmul_nf4`` and
@@ -48,21 +48,25 @@ def log(msg: str) -> None:
 def sweep_configs(K: int) -> list[dict]:
     """Candidate launch parameters of the rows kernel for rows of K elements."""
     if K <= 4096:
-        grid = itertools.product((2, 4), (4, 8), (1, 2, 3, 4, 6))
+        grid = itertools.product((2, 4, 8), (4, 8), (1, 2, 3, 4, 6))
+        before = dict(r=4, num_warps=4, per_sm=2, ahead=1)  # the default before float16-pair sums
     else:
-        grid = itertools.product((1, 2), (8, 16), (1, 2))
-    out = [dict(r=r, num_warps=w, per_sm=p, lookup_asm=True) for r, w, p in grid]
-    out += [dict(c, evict_first=False) for c in out]  # weight lines not marked evict-first
-    return out + [dict(out[0], lookup_asm=False)]  # and the L1-gather lookup
+        grid = itertools.product((1, 2, 4), (4, 8, 16), (1, 2, 3))
+        before = dict(r=2, num_warps=8, per_sm=1, ahead=1)
+    out = [dict(r=r, num_warps=w, per_sm=p, ahead=a, lookup_asm=True)
+           for (r, w, p), a in itertools.product(grid, (1, 2))]
+    return out + [dict(before, lookup_asm=True, half2=False),  # float32 products and sums
+                  dict(before, lookup_asm=True, evict_first=False),  # weight lines not marked evict-first
+                  dict(before, lookup_asm=False)]  # the L1-gather lookup
 
 
 #: Probes (results wrong by design, never checked or chosen): the rows kernel without the code lookup
 #: (probe=1: the words' bits used as float32, FMAs kept; probe=2: one product per word) shows what the
 #: loads, FMAs and reductions alone cost.
 def probe_configs(K: int) -> list[dict]:
-    base = [dict(r=4, num_warps=4, per_sm=2), dict(r=2, num_warps=8, per_sm=3)] if K <= 4096 else \
+    base = [dict(r=4, num_warps=8, per_sm=2), dict(r=2, num_warps=8, per_sm=3)] if K <= 4096 else \
         [dict(r=2, num_warps=16, per_sm=1), dict(r=1, num_warps=8, per_sm=2)]
-    return [dict(b, probe=level) for level in (1, 2) for b in base]
+    return [dict(b, probe=level, ahead=a) for level in (1, 2) for b in base for a in (1, 2)]
 
 
 def sweep(nf4, deadline: float) -> list[dict]:
@@ -116,11 +120,12 @@ def apply_sweep(rows: list[dict]) -> dict:
     chosen = {}
     for k in sorted({r["k"] for r in rows}):
         cands = [r for r in rows if r["k"] == k and r["section"] == "sweep rows kernel"
-                 and r["params"].get("lookup_asm") and r["params"].get("evict_first", True)]
+                 and r["params"].get("lookup_asm") and r["params"].get("evict_first", True)
+                 and r["params"].get("half2", True)]
         if cands:
             best = min(cands, key=lambda r: r["ms_graph"])
             p = best["params"]
-            chosen[k] = (p["r"], p["num_warps"], p["per_sm"])
+            chosen[k] = (p["r"], p["num_warps"], p["per_sm"], p.get("ahead", 1))
     if chosen:
         ks = sorted(chosen)
         ng.ROWS_CONFIGS[:] = [(k // 2, *chosen[k]) for k in ks[:-1]] + [(1 << 62, *chosen[ks[-1]])]

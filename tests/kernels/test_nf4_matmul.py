@@ -113,21 +113,22 @@ def test_dispatch_uses_the_gemv_kernels_for_few_rows(monkeypatch):
 
 
 @needs_triton
-@pytest.mark.parametrize("early", [True, False])
+@pytest.mark.parametrize("early,ahead", [(True, 1), (False, 1), (False, 2)])
 @pytest.mark.parametrize("r", [1, 4])
 @pytest.mark.parametrize("n_out,n_in,blocksize,quant_type,double_quant", [
     (45, 256, 64, "nf4", True),  # N not a multiple of the rows per step
     (20, 448, 32, "fp4", False),  # K/32 not a power of two (masked chunks), plain absmax
 ])
-def test_rows_kernel_gather_path_writes_every_output(n_out, n_in, blocksize, quant_type, double_quant, r, early):
-    """The rows kernel (gather lookup, as on the CPU) over rows per step, with/without EARLY, ragged shapes."""
+def test_rows_kernel_gather_path_writes_every_output(n_out, n_in, blocksize, quant_type, double_quant, r, early,
+                                                     ahead):
+    """The rows kernel (gather lookup, as on the CPU): rows per step, EARLY, 1 or 2 groups ahead, ragged shapes."""
     packed, state = quantize(n_out, n_in, blocksize, quant_type, double_quant)
     f = nf4_dequantize._state_fields(state)
     words = nf4_dequantize._packed_bytes(packed, f["numel"]).view(torch.int32)
     args = nf4_dequantize.state_tensors(state, f, torch.device("cpu"), False)
     x, bias = torch.randn(n_in), torch.randn(n_out)
     out = torch.full((n_out,), float("nan"))
-    nf4_gemv.gemv_rows(x, words, args, None, f, bias, out, r=r, early=early)
+    nf4_gemv.gemv_rows(x, words, args, None, f, bias, out, r=r, early=early, ahead=ahead)
     ref = reference(x[None], packed, state, bias)
     assert_close_to_reference(out[None], ref, x[None], packed, state, rel=1e-5)
 
@@ -243,7 +244,7 @@ def test_gpu_gradients(dtype):
 @pytest.mark.parametrize("shape,blocksize,quant_type", [((1000, 4096), 64, "nf4"), ((300, 14336), 128, "fp4"),
                                                          ((64, 8192), 4096, "nf4")])
 def test_gpu_rows_kernel_asm_and_gather_lookups(dtype, shape, blocksize, quant_type):
-    """The rows kernel with the register (prmt) lookup and with the L1-gather lookup, with/without EARLY."""
+    """The rows kernel: register (prmt) lookup with float16-pair or float32 sums, L1-gather lookup; EARLY or not."""
     packed, state = quantize(*shape, blocksize, quant_type, True, device="cuda")
     f = nf4_dequantize._state_fields(state)
     words = nf4_dequantize._packed_bytes(packed, f["numel"]).view(torch.int32)
@@ -252,8 +253,29 @@ def test_gpu_rows_kernel_asm_and_gather_lookups(dtype, shape, blocksize, quant_t
     x = torch.randn(shape[1], device="cuda").to(dtype)
     bias = torch.randn(shape[0], device="cuda").to(dtype)
     ref = reference(x[None], packed, state, bias)
-    for lookup_asm in (True, False):
-        for early in (True, False):
+    for lookup_asm, half2 in ((True, True), (True, False), (False, False)):
+        for early, ahead in ((True, 1), (False, 1), (False, 2)):
             out = torch.full((shape[0],), float("nan"), device="cuda", dtype=dtype)
-            nf4_gemv.gemv_rows(x, words, args, planes, f, bias, out, lookup_asm=lookup_asm, early=early)
+            nf4_gemv.gemv_rows(x, words, args, planes, f, bias, out, lookup_asm=lookup_asm, early=early, half2=half2,
+                               ahead=ahead)
             assert_close_to_reference(out[None], ref, x[None], packed, state, rel=GPU_REL[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("magnitude", [1e-30, 1e-6, 1.0, 100.0, 1e30])
+def test_gpu_rows_kernel_float16_pairs_scale_x(dtype, magnitude):
+    """float16-pair sums scale x by a power of two: no overflow or flush for any x float16/bfloat16 can hold."""
+    if dtype == torch.float16 and not 1e-6 <= magnitude <= 100:
+        pytest.skip("outside float16's range")
+    packed, state = quantize(512, 4096, 64, "nf4", True, device="cuda")
+    f = nf4_dequantize._state_fields(state)
+    words = nf4_dequantize._packed_bytes(packed, f["numel"]).view(torch.int32)
+    args = nf4_dequantize.state_tensors(state, f, packed.device, False)
+    planes = nf4_gemv.code_planes(state.code)
+    x = (torch.randn(4096, device="cuda") * magnitude).to(dtype)
+    x[7] = 2 * magnitude  # one outlier, as in real hidden states
+    ref = reference(x[None].double(), packed, state, None)
+    out = nf4_gemv.gemv_rows(x, words, args, planes, f, None, half2=True)
+    assert torch.isfinite(out).all()
+    assert_close_to_reference(out[None], ref, x[None], packed, state, rel=GPU_REL[dtype])
