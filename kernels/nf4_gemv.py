@@ -7,7 +7,7 @@ group it reads whole rows of packed weight as 32-bit words ``[R, C, 4]`` (each t
 contiguous bytes of a row: one 128-bit load), turns each word into its 8 code values, multiplies them
 with the matching x values and sums the 32 products of a 16-byte chunk in float32; the chunk sum is
 scaled by its quantization block's absmax (nested dequantization once per chunk), and each row is
-reduced once. Later groups' words and absmax are loaded ``AHEAD`` (1 or 2) groups ahead, in registers. Rows of
+reduced once. The next group's words and absmax are loaded one group ahead, in registers. Rows of
 ``K`` elements with ``K/32`` not a power of two are padded to the next power of two (masked).
 
 Code lookup (constexpr ``LOOKUP_ASM``):
@@ -20,9 +20,9 @@ Code lookup (constexpr ``LOOKUP_ASM``):
   cannot hold, and Triton's interpreter, which cannot run inline assembly).
 
 ``HALF2`` (with the register lookup; the default): the lookup's float16 pairs are multiplied with x in
-float16 pairs and summed per 16-byte chunk with ``fma.rn.f16x2`` (16 instructions for 32 products instead
-of 32 conversions and 32 float32 FMAs; ~26% fewer instructions in the loop); only the chunk sums are
-float32. x is first scaled by a power of two that brings max |x| into [2^9, 2^10) (32 products of
+float16 pairs and summed per 16-byte chunk with ``fma.rn.f16x2`` (19 instructions for 32 products instead
+of 32 conversions and 32 float32 FMAs: a quarter fewer instructions in the loop, 42 registers fewer);
+only the chunk sums are float32. x is first scaled by a power of two that brings max |x| into [2^9, 2^10) (32 products of
 |code| <= 1 cannot overflow float16; exact for bf16/fp16 x unless an element is 2^-24 below the largest)
 and y is scaled back.
 
@@ -98,17 +98,18 @@ def _chunk_dot_asm() -> str:
     """PTX: the dot product of one 16-byte chunk (4 words, 32 values) with x, in float16 pairs.
 
     ``$1..$4``: the words; ``$5..$8`` / ``$9..$12``: low / high bytes of the float16 code; ``$13..$28``:
-    x as float16 pairs, ``$(13 + 4 i + j)`` = elements 2j | 2j+1 of word i. Each half of one ``f16x2``
-    accumulator sums 16 products (``fma.rn.f16x2``); ``$0`` = float32 sum of the two halves. x must be
-    scaled so that 32 products cannot overflow float16 (the kernel brings max |x| into [2^9, 2^10)).
+    x as float16 pairs, ``$(13 + 4 i + j)`` = elements 2j | 2j+1 of word i. One ``f16x2`` accumulator per
+    word (``fma.rn.f16x2``: four short dependency chains, not one long one), summed pairwise; ``$0`` =
+    float32 sum of the two halves. x must be scaled so that 32 products cannot overflow float16 (the
+    kernel brings max |x| into [2^9, 2^10)).
     """
-    lines = [_LOOKUP_REGS, ".reg .b32 acc;", ".reg .b16 lo, hi;", ".reg .f32 flo, fhi;"]
+    lines = [_LOOKUP_REGS, ".reg .b32 acc0, acc1, acc2, acc3;", ".reg .b16 lo, hi;", ".reg .f32 flo, fhi;"]
     for i in range(4):
         lines += _lookup_lines(f"${1 + i}", ("$5", "$6", "$7", "$8"), ("$9", "$10", "$11", "$12"))
-        for j in range(4):
-            xp = f"${13 + 4 * i + j}"
-            lines.append(f"mul.rn.f16x2 acc, p0, {xp};" if i == j == 0 else f"fma.rn.f16x2 acc, p{j}, {xp}, acc;")
-    lines += ["mov.b32 {lo, hi}, acc;", "cvt.f32.f16 flo, lo;", "cvt.f32.f16 fhi, hi;", "add.f32 $0, flo, fhi;"]
+        lines.append(f"mul.rn.f16x2 acc{i}, p0, ${13 + 4 * i};")
+        lines += [f"fma.rn.f16x2 acc{i}, p{j}, ${13 + 4 * i + j}, acc{i};" for j in range(1, 4)]
+    lines += ["add.rn.f16x2 acc0, acc0, acc1;", "add.rn.f16x2 acc2, acc2, acc3;", "add.rn.f16x2 acc0, acc0, acc2;",
+              "mov.b32 {lo, hi}, acc0;", "cvt.f32.f16 flo, lo;", "cvt.f32.f16 fhi, hi;", "add.f32 $0, flo, fhi;"]
     return "{\n" + "\n".join(lines) + "\n}"
 
 
@@ -202,8 +203,8 @@ if HAS_TRITON:
         N, K, t0, t1, t2, t3, t4, t5, t6, t7,
         HALF_BS: tl.constexpr, C: tl.constexpr, R: tl.constexpr, NESTED: tl.constexpr, NESTED_BS: tl.constexpr,
         HAS_BIAS: tl.constexpr, LOOKUP_ASM: tl.constexpr, EVEN_K: tl.constexpr, INT64: tl.constexpr,
-        EVICT_FIRST: tl.constexpr = True, HALF2: tl.constexpr = False, AHEAD: tl.constexpr = 1,
-        EARLY: tl.constexpr = False, PROBE: tl.constexpr = 0,
+        EVICT_FIRST: tl.constexpr = True, HALF2: tl.constexpr = False, EARLY: tl.constexpr = False,
+        PROBE: tl.constexpr = 0,
     ):
         pid = tl.program_id(0)
         n_prog = tl.num_programs(0)
@@ -218,14 +219,10 @@ if HAS_TRITON:
         blocks_per_row = K // (2 * HALF_BS)
         kblk = (c * 16) // HALF_BS  # quantization block of each chunk within its row
         step = n_prog * R
-        # the first group's loads go out before x is read; later groups are prefetched AHEAD groups ahead in
+        # the first group's loads go out before x is read; later groups are prefetched one ahead in
         # registers (ptxas issues those loads late in the loop body, before the row reduction)
         words, qa, nab = _load_group(w_ptr, absmax_ptr, nested_absmax_ptr, pid * R + r, c, i, c_ok, kblk,
                                      row_words, blocks_per_row, N, NESTED, NESTED_BS, INT64, EVICT_FIRST)
-        if AHEAD == 2:  # and the second group's
-            words2, qa2, nab2 = _load_group(w_ptr, absmax_ptr, nested_absmax_ptr, pid * R + step + r, c, i, c_ok,
-                                            kblk, row_words, blocks_per_row, N, NESTED, NESTED_BS, INT64,
-                                            EVICT_FIRST)
         # x in one vectorized load [C, 4, 8], split in registers into the 8 element positions of a word
         p = tl.arange(0, 8)
         xf = tl.load(x_ptr + c[:, None, None] * 32 + i[None, :, None] * 8 + p[None, None, :],
@@ -245,8 +242,8 @@ if HAS_TRITON:
             unscale = ((e - 9) << 23).to(tl.float32, bitcast=True)
             xp = _half2_pairs(xf * scale)
         for n0 in range(pid * R, N, step):
-            nx_words, nx_qa, nx_nab = _load_group(w_ptr, absmax_ptr, nested_absmax_ptr, n0 + AHEAD * step + r, c, i,
-                                                  c_ok, kblk, row_words, blocks_per_row, N, NESTED, NESTED_BS, INT64,
+            nx_words, nx_qa, nx_nab = _load_group(w_ptr, absmax_ptr, nested_absmax_ptr, n0 + step + r, c, i, c_ok,
+                                                  kblk, row_words, blocks_per_row, N, NESTED, NESTED_BS, INT64,
                                                   EVICT_FIRST)
             if EARLY:  # a barrier keeps ptxas from sinking the prefetch below this group's compute
                 tl.debug_barrier()
@@ -285,20 +282,16 @@ if HAS_TRITON:
             if HAS_BIAS:
                 y += tl.load(bias_ptr + n, mask=n_ok, other=0).to(tl.float32)
             tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
-            if AHEAD == 2:
-                words, qa, nab = words2, qa2, nab2
-                words2, qa2, nab2 = nx_words, nx_qa, nx_nab
-            else:
-                words, qa, nab = nx_words, nx_qa, nx_nab
+            words, qa, nab = nx_words, nx_qa, nx_nab
 
     _LOOKUP_ASM = tl.constexpr(_lookup_asm())
     _CHUNK_DOT_ASM = tl.constexpr(_chunk_dot_asm())
 
 
 #: Launch parameters of the rows kernel, by the row length of the weight in bytes (K/2, H100 sweep in
-#: docs/benchmarks.md): ``(largest K/2, rows per step, warps, programs per SM, groups loaded ahead)``;
-#: the last entry covers longer rows.
-ROWS_CONFIGS = [(2048, 4, 4, 2, 1), (1 << 62, 2, 8, 1, 1)]
+#: docs/benchmarks.md): ``(largest K/2, rows per step, warps, programs per SM)``; the last entry covers
+#: longer rows.
+ROWS_CONFIGS = [(2048, 4, 8, 2), (1 << 62, 1, 8, 2)]
 #: Mark the weight words' L2 lines evict-first (H100 sweep, GPU time: 14336x4096 0.0268 -> 0.0261 ms,
 #: 4096x14336 0.0323 -> 0.0300 ms; docs/benchmarks.md).
 ROWS_EVICT_FIRST = True
@@ -309,8 +302,8 @@ ROWS_HALF2 = True
 INTERPRETER_ROWS = 16
 
 
-def rows_config(K: int) -> tuple[int, int, int, int]:
-    """``(rows per step, warps, programs per SM, groups loaded ahead)`` for rows of ``K`` elements."""
+def rows_config(K: int) -> tuple[int, int, int]:
+    """``(rows per step, warps, programs per SM)`` for rows of ``K`` elements."""
     for limit, *config in ROWS_CONFIGS:
         if K // 2 <= limit:
             return tuple(config)
@@ -321,20 +314,16 @@ def rows_launch(x: torch.Tensor, words: torch.Tensor, state: tuple, planes: tupl
                 f: dict[str, Any], bias: torch.Tensor | None, out: torch.Tensor, sm_count: int,
                 r: int | None = None, num_warps: int | None = None, per_sm: int | None = None,
                 lookup_asm: bool | None = None, early: bool = False, probe: int = 0,
-                evict_first: bool | None = None, half2: bool | None = None,
-                ahead: int | None = None) -> tuple[tuple, list, dict]:
+                evict_first: bool | None = None, half2: bool | None = None) -> tuple[tuple, list, dict]:
     """Grid, positional arguments and launch options of the rows kernel for one row ``x`` [K]."""
     from qconv.kernels.utils import is_interpreter
 
     N, K = f["shape"]
-    cr, cw, cp, ca = rows_config(K)
+    cr, cw, cp = rows_config(K)
     interp = is_interpreter()
     r = r or (INTERPRETER_ROWS if interp else cr)
     num_warps = num_warps or (4 if interp else cw)
     per_sm = per_sm or cp
-    ahead = ahead or ca
-    if ahead not in (1, 2):
-        raise ValueError(f"rows kernel: ahead must be 1 or 2 groups, got {ahead}")
     if lookup_asm is None:
         lookup_asm = planes is not None and not interp and x.dtype != torch.float32
     chunks = 1 << max(0, (K // 32 - 1).bit_length())
@@ -345,7 +334,7 @@ def rows_launch(x: torch.Tensor, words: torch.Tensor, state: tuple, planes: tupl
     args = [x, words, absmax, table, nested_code, nested_absmax, offset, bias if bias is not None else x, out, N, K, *t]
     consts = dict(HALF_BS=f["blocksize"] // 2, C=chunks, R=r, NESTED=f["nested"], NESTED_BS=nested_bs,
                   HAS_BIAS=bias is not None, LOOKUP_ASM=bool(lookup_asm), EVEN_K=chunks * 32 == K,
-                  INT64=N * K // 2 >= 2**31, AHEAD=int(ahead), EARLY=bool(early), PROBE=int(probe),
+                  INT64=N * K // 2 >= 2**31, EARLY=bool(early), PROBE=int(probe),
                   EVICT_FIRST=ROWS_EVICT_FIRST if evict_first is None else bool(evict_first),
                   HALF2=bool(lookup_asm) and (ROWS_HALF2 if half2 is None else bool(half2)) and not probe)
     return grid, args, dict(consts, num_warps=num_warps)

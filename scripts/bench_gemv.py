@@ -49,12 +49,11 @@ def sweep_configs(K: int) -> list[dict]:
     """Candidate launch parameters of the rows kernel for rows of K elements."""
     if K <= 4096:
         grid = itertools.product((2, 4, 8), (4, 8), (1, 2, 3, 4, 6))
-        before = dict(r=4, num_warps=4, per_sm=2, ahead=1)  # the default before float16-pair sums
+        before = dict(r=4, num_warps=4, per_sm=2)  # the default before float16-pair sums
     else:
         grid = itertools.product((1, 2, 4), (4, 8, 16), (1, 2, 3))
-        before = dict(r=2, num_warps=8, per_sm=1, ahead=1)
-    out = [dict(r=r, num_warps=w, per_sm=p, ahead=a, lookup_asm=True)
-           for (r, w, p), a in itertools.product(grid, (1, 2))]
+        before = dict(r=2, num_warps=8, per_sm=1)
+    out = [dict(r=r, num_warps=w, per_sm=p, lookup_asm=True) for r, w, p in grid]
     return out + [dict(before, lookup_asm=True, half2=False),  # float32 products and sums
                   dict(before, lookup_asm=True, evict_first=False),  # weight lines not marked evict-first
                   dict(before, lookup_asm=False)]  # the L1-gather lookup
@@ -66,7 +65,7 @@ def sweep_configs(K: int) -> list[dict]:
 def probe_configs(K: int) -> list[dict]:
     base = [dict(r=4, num_warps=8, per_sm=2), dict(r=2, num_warps=8, per_sm=3)] if K <= 4096 else \
         [dict(r=2, num_warps=16, per_sm=1), dict(r=1, num_warps=8, per_sm=2)]
-    return [dict(b, probe=level, ahead=a) for level in (1, 2) for b in base for a in (1, 2)]
+    return [dict(b, probe=level) for level in (1, 2) for b in base]
 
 
 def sweep(nf4, deadline: float) -> list[dict]:
@@ -125,7 +124,7 @@ def apply_sweep(rows: list[dict]) -> dict:
         if cands:
             best = min(cands, key=lambda r: r["ms_graph"])
             p = best["params"]
-            chosen[k] = (p["r"], p["num_warps"], p["per_sm"], p.get("ahead", 1))
+            chosen[k] = (p["r"], p["num_warps"], p["per_sm"])
     if chosen:
         ks = sorted(chosen)
         ng.ROWS_CONFIGS[:] = [(k // 2, *chosen[k]) for k in ks[:-1]] + [(1 << 62, *chosen[ks[-1]])]

@@ -113,22 +113,21 @@ def test_dispatch_uses_the_gemv_kernels_for_few_rows(monkeypatch):
 
 
 @needs_triton
-@pytest.mark.parametrize("early,ahead", [(True, 1), (False, 1), (False, 2)])
+@pytest.mark.parametrize("early", [True, False])
 @pytest.mark.parametrize("r", [1, 4])
 @pytest.mark.parametrize("n_out,n_in,blocksize,quant_type,double_quant", [
     (45, 256, 64, "nf4", True),  # N not a multiple of the rows per step
     (20, 448, 32, "fp4", False),  # K/32 not a power of two (masked chunks), plain absmax
 ])
-def test_rows_kernel_gather_path_writes_every_output(n_out, n_in, blocksize, quant_type, double_quant, r, early,
-                                                     ahead):
-    """The rows kernel (gather lookup, as on the CPU): rows per step, EARLY, 1 or 2 groups ahead, ragged shapes."""
+def test_rows_kernel_gather_path_writes_every_output(n_out, n_in, blocksize, quant_type, double_quant, r, early):
+    """The rows kernel (gather lookup, as on the CPU) over rows per step, with/without EARLY, ragged shapes."""
     packed, state = quantize(n_out, n_in, blocksize, quant_type, double_quant)
     f = nf4_dequantize._state_fields(state)
     words = nf4_dequantize._packed_bytes(packed, f["numel"]).view(torch.int32)
     args = nf4_dequantize.state_tensors(state, f, torch.device("cpu"), False)
     x, bias = torch.randn(n_in), torch.randn(n_out)
     out = torch.full((n_out,), float("nan"))
-    nf4_gemv.gemv_rows(x, words, args, None, f, bias, out, r=r, early=early, ahead=ahead)
+    nf4_gemv.gemv_rows(x, words, args, None, f, bias, out, r=r, early=early)
     ref = reference(x[None], packed, state, bias)
     assert_close_to_reference(out[None], ref, x[None], packed, state, rel=1e-5)
 
@@ -254,10 +253,9 @@ def test_gpu_rows_kernel_asm_and_gather_lookups(dtype, shape, blocksize, quant_t
     bias = torch.randn(shape[0], device="cuda").to(dtype)
     ref = reference(x[None], packed, state, bias)
     for lookup_asm, half2 in ((True, True), (True, False), (False, False)):
-        for early, ahead in ((True, 1), (False, 1), (False, 2)):
+        for early in (True, False):
             out = torch.full((shape[0],), float("nan"), device="cuda", dtype=dtype)
-            nf4_gemv.gemv_rows(x, words, args, planes, f, bias, out, lookup_asm=lookup_asm, early=early, half2=half2,
-                               ahead=ahead)
+            nf4_gemv.gemv_rows(x, words, args, planes, f, bias, out, lookup_asm=lookup_asm, early=early, half2=half2)
             assert_close_to_reference(out[None], ref, x[None], packed, state, rel=GPU_REL[dtype])
 
 
