@@ -1,11 +1,12 @@
 """Fused NF4/FP4 dequantize + GEMV for one row of x (decoding): the ``rows`` kernel.
 
 Layout: a persistent program (``programs per SM x SMs`` of them) reads x once, in one vectorized
-load, as float32 split into the 8 element positions of a 32-bit word of packed weight
-(``X_p[c, i] = x[32 c + 8 i + p]``), and then loops over groups of ``R`` output features. For each
-group it reads whole rows of packed weight as 32-bit words ``[R, C, 4]`` (each thread owns 16
-contiguous bytes of a row: one 128-bit load), turns each word into its 8 code values, multiplies them
-with the matching x values and sums the 32 products of a 16-byte chunk in float32; the chunk sum is
+load, and keeps it in registers matched to the element positions of a 32-bit word of packed weight
+(``X_p[c, i] = x[32 c + 8 i + p]``: float16 pairs, or float32 without ``HALF2``), then loops over
+groups of ``R`` output features. For each group it reads whole rows of packed weight as 32-bit words
+``[R, C, 4]`` (each thread owns 16 contiguous bytes of a row: one 128-bit load), turns each word into
+its 8 code values, multiplies them with the matching x values and sums the 32 products of a 16-byte
+chunk (see ``HALF2``); the chunk sum is
 scaled by its quantization block's absmax (nested dequantization once per chunk), and each row is
 reduced once. The next group's words and absmax are loaded one group ahead, in registers. Rows of
 ``K`` elements with ``K/32`` not a power of two are padded to the next power of two (masked).
@@ -21,10 +22,10 @@ Code lookup (constexpr ``LOOKUP_ASM``):
 
 ``HALF2`` (with the register lookup; the default): the lookup's float16 pairs are multiplied with x in
 float16 pairs and summed per 16-byte chunk with ``fma.rn.f16x2`` (19 instructions for 32 products instead
-of 32 conversions and 32 float32 FMAs: a quarter fewer instructions in the loop, 42 registers fewer);
-only the chunk sums are float32. x is first scaled by a power of two that brings max |x| into [2^9, 2^10) (32 products of
-|code| <= 1 cannot overflow float16; exact for bf16/fp16 x unless an element is 2^-24 below the largest)
-and y is scaled back.
+of 32 conversions and 32 float32 FMAs: a quarter fewer instructions in the loop, 72 registers fewer at 4
+warps); only the chunk sums are float32. x is first scaled by a power of two that brings max |x| into
+[2^9, 2^10) (32 products of |code| <= 1 cannot overflow float16; exact for bf16/fp16 x unless an element
+is 2^-24 below the largest), and y is scaled back.
 
 ``EARLY`` (a barrier after the prefetch loads) and ``PROBE`` (no code lookup: wrong results, a
 benchmark probe of what the loads and reductions alone cost) exist for ``scripts/bench_gemv.py``.
@@ -160,7 +161,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _half2_pairs(xa):
-        """x [C, 4, 8] (float32, already scaled) as float16 pairs: 16 int32 tensors [C], pair j of word i at 4i + j."""
+        """x [C, 4, 8] (float32, scaled) as float16 pairs: 16 int32 tensors [C], pair j of word i at 4i + j."""
         lo, hi = tl.split(tl.reshape(xa, (xa.shape[0], 4, 4, 2)))
         lo = lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
         hi = hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16
@@ -223,24 +224,25 @@ if HAS_TRITON:
         # registers (ptxas issues those loads late in the loop body, before the row reduction)
         words, qa, nab = _load_group(w_ptr, absmax_ptr, nested_absmax_ptr, pid * R + r, c, i, c_ok, kblk,
                                      row_words, blocks_per_row, N, NESTED, NESTED_BS, INT64, EVICT_FIRST)
-        # x in one vectorized load [C, 4, 8], split in registers into the 8 element positions of a word
+        # x in one vectorized load [C, 4, 8]
         p = tl.arange(0, 8)
         xf = tl.load(x_ptr + c[:, None, None] * 32 + i[None, :, None] * 8 + p[None, None, :],
                      mask=c_ok[:, None, None], other=0).to(tl.float32)
-        xa = tl.reshape(xf, (C, 4, 2, 2, 2))
-        xa, xb = tl.split(xa)  # even | odd p (tl.split takes the last axis: p's lowest bit)
-        x04, x26 = tl.split(xa)
-        x15, x37 = tl.split(xb)
-        x0, x4 = tl.split(x04)
-        x2, x6 = tl.split(x26)
-        x1, x5 = tl.split(x15)
-        x3, x7 = tl.split(x37)
         if HALF2:  # x scaled by a power of two 2^-e that brings max |x| into [2^9, 2^10), as float16 pairs
             e = (tl.max(tl.abs(xf)).to(tl.int32, bitcast=True) >> 23) & 0xFF
             e = tl.minimum(tl.maximum(e, 20), 255)  # x all zero or below 2^-107: no scaling up beyond 2^116
             scale = ((263 - e) << 23).to(tl.float32, bitcast=True)
             unscale = ((e - 9) << 23).to(tl.float32, bitcast=True)
             xp = _half2_pairs(xf * scale)
+        else:  # float32, split into the 8 element positions of a word
+            xa = tl.reshape(xf, (C, 4, 2, 2, 2))
+            xa, xb = tl.split(xa)  # even | odd p (tl.split takes the last axis: p's lowest bit)
+            x04, x26 = tl.split(xa)
+            x15, x37 = tl.split(xb)
+            x0, x4 = tl.split(x04)
+            x2, x6 = tl.split(x26)
+            x1, x5 = tl.split(x15)
+            x3, x7 = tl.split(x37)
         for n0 in range(pid * R, N, step):
             nx_words, nx_qa, nx_nab = _load_group(w_ptr, absmax_ptr, nested_absmax_ptr, n0 + step + r, c, i, c_ok,
                                                   kblk, row_words, blocks_per_row, N, NESTED, NESTED_BS, INT64,

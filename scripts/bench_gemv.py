@@ -3,8 +3,8 @@
     python scripts/bench_gemv.py [--sweep] [--seconds 200] [--json OUT.json]
 
 ``--sweep`` first times the ``rows`` kernel's launch parameters (rows per step, warps, programs per SM;
-then float32 instead of float16-pair sums, L2 evict-first off, and the gather lookup for the old default) and two probes without the code lookup for the two Llama MLP
-shapes: every config is checked against the float64 reference (configs that are wrong are skipped
+then, at the previous default, float32 instead of float16-pair sums, L2 evict-first off, and the gather
+lookup) and two probes without the code lookup for the two Llama MLP shapes: every config is checked against the float64 reference (configs that are wrong are skipped
 loudly) and timed as GPU time (CUDA-graph replay); the fastest checked config per shape becomes the
 default for the rest of the run. The table then compares ``matmul_nf4`` and
 ``bitsandbytes.matmul_4bit`` side by side: ``ms`` = ``triton.testing.do_bench`` median of the eager
