@@ -161,11 +161,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _half2_pairs(xa):
-        """x [C, 4, 8] (float32, scaled) as float16 pairs: 16 int32 tensors [C], pair j of word i at 4i + j."""
-        lo, hi = tl.split(tl.reshape(xa, (xa.shape[0], 4, 4, 2)))
+        """x [C, 4, 8] (float32, scaled) as float16 pairs: 16 int32 tensors [1, C], pair j of word i at 4i + j."""
+        lo, hi = tl.split(tl.reshape(xa, (1, xa.shape[0], 4, 4, 2)))
         lo = lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
         hi = hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16
-        q0, q1, q2, q3 = _split4(lo | hi)  # pair j: [C, 4 words]
+        q0, q1, q2, q3 = _split4(lo | hi)  # pair j: [1, C, 4 words]
         a0, a1, a2, a3 = _split4(q0)
         b0, b1, b2, b3 = _split4(q1)
         c0, c1, c2, c3 = _split4(q2)
@@ -253,11 +253,8 @@ if HAS_TRITON:
                 w0, w1, w2, w3 = _split4(words)
                 chunk = tl.inline_asm_elementwise(
                     _CHUNK_DOT_ASM, "=f" + ",r" * 28,
-                    [w0, w1, w2, w3, t0, t1, t2, t3, t4, t5, t6, t7,
-                     xp[0][None, :], xp[1][None, :], xp[2][None, :], xp[3][None, :],
-                     xp[4][None, :], xp[5][None, :], xp[6][None, :], xp[7][None, :],
-                     xp[8][None, :], xp[9][None, :], xp[10][None, :], xp[11][None, :],
-                     xp[12][None, :], xp[13][None, :], xp[14][None, :], xp[15][None, :]],
+                    [w0, w1, w2, w3, t0, t1, t2, t3, t4, t5, t6, t7, xp[0], xp[1], xp[2], xp[3], xp[4], xp[5],
+                     xp[6], xp[7], xp[8], xp[9], xp[10], xp[11], xp[12], xp[13], xp[14], xp[15]],
                     dtype=tl.float32, is_pure=True, pack=1)  # [R, C]
             elif PROBE == 2:  # benchmark probe (wrong results): loads and reductions only
                 dot = words.to(tl.float32, bitcast=True) * x0[None]
