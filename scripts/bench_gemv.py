@@ -131,23 +131,27 @@ def apply_sweep(rows: list[dict]) -> dict:
     return {str(k): v for k, v in chosen.items()}
 
 
-def read_floor(words: torch.Tensor):
+def read_floor(words: torch.Tensor, block: int = 2048, num_warps: int = 4, evict_first: bool = True):
     """A callable that only reads ``words`` (int32, the packed weight) once, as fast as Triton streams it:
-    [2048]-word blocks, 128-bit loads, L2 lines evict-first, one int32 sum per block. No GEMV can take less
-    time than this read in the same conditions: the floor row of the table."""
+    [block]-word programs, 128-bit loads, L2 lines evict-first, one int32 sum per block. No GEMV can take
+    less time than this read in the same conditions: the floor row of the table (defaults; other values
+    for ``scripts/probe_gemv_smem.py``'s read sweep)."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def _read_kernel(w_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    def _read_kernel(w_ptr, out_ptr, n, BLOCK: tl.constexpr, EVICT_FIRST: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        w = tl.load(w_ptr + offs, mask=offs < n, other=0, eviction_policy="evict_first")
+        if EVICT_FIRST:
+            w = tl.load(w_ptr + offs, mask=offs < n, other=0, eviction_policy="evict_first")
+        else:
+            w = tl.load(w_ptr + offs, mask=offs < n, other=0)
         tl.store(out_ptr + tl.program_id(0), tl.sum(w, axis=0))
 
-    block = 2048
     grid = (triton.cdiv(words.numel(), block),)
     out = torch.empty(grid[0], dtype=torch.int32, device=words.device)
-    return lambda: _read_kernel[grid](words, out, words.numel(), BLOCK=block, num_warps=4)
+    return lambda: _read_kernel[grid](words, out, words.numel(), BLOCK=block, EVICT_FIRST=evict_first,
+                                      num_warps=num_warps)
 
 
 def bench(nf4, copy_gbps: float) -> list[dict]:

@@ -184,19 +184,10 @@ def smem_launcher(kernel, x, words, state, f, out, sm, r, wr, wc, per_sm, fill=T
     return lambda: (run(), out)[1]
 
 
-def read_kernels():
-    """Read-only kernels over int32 words: [block]-word programs, and persistent programs, unrolled."""
+def read_persistent_kernel():
+    """A read-only kernel over int32 words: persistent programs, ``UNROLL`` [BLOCK]-word loads per step."""
     import triton
     import triton.language as tl
-
-    @triton.jit
-    def read_blocks(w_ptr, out_ptr, n, BLOCK: tl.constexpr, EF: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        if EF:
-            w = tl.load(w_ptr + offs, mask=offs < n, other=0, eviction_policy="evict_first")
-        else:
-            w = tl.load(w_ptr + offs, mask=offs < n, other=0)
-        tl.store(out_ptr + tl.program_id(0), tl.sum(w, axis=0))
 
     @triton.jit
     def read_persistent(w_ptr, out_ptr, n, BLOCK: tl.constexpr, UNROLL: tl.constexpr):
@@ -208,23 +199,20 @@ def read_kernels():
                 acc += tl.load(w_ptr + offs, mask=offs < n, other=0, eviction_policy="evict_first")
         tl.store(out_ptr + pid, tl.sum(acc, axis=0))
 
-    return read_blocks, read_persistent
+    return read_persistent
 
 
-def read_floor_rows(nf4, words: torch.Tensor, sm: int) -> list[dict]:
-    import triton
-
-    read_blocks, read_persistent = read_kernels()
-    nw = words.numel()
-    out = torch.empty(1 << 20, dtype=torch.int32, device=words.device)
+def read_floor_rows(nf4, gemv, words: torch.Tensor, sm: int) -> list[dict]:
+    """GPU time of the read-only kernels: ``bench_gemv.read_floor`` variants and persistent ones."""
     rows = []
     for block in (1024, 2048, 4096, 8192):
         for warps in (4, 8):
             for ef in (True, False):
-                grid = (triton.cdiv(nw, block),)
-                fn = lambda: read_blocks[grid](words, out, nw, BLOCK=block, EF=ef, num_warps=warps)  # noqa: E731
                 rows.append(dict(impl=f"read: {block}-word blocks, {warps} warps, evict_first={ef}",
-                                 ms_graph=nf4._graph_bench(fn)))
+                                 ms_graph=nf4._graph_bench(gemv.read_floor(words, block, warps, ef))))
+    read_persistent = read_persistent_kernel()
+    nw = words.numel()
+    out = torch.empty(sm * 16, dtype=torch.int32, device=words.device)
     for block, warps, per_sm, unroll in [(1024, 4, 8, 4), (2048, 8, 4, 4), (1024, 4, 16, 2), (2048, 8, 8, 2),
                                          (4096, 8, 4, 2), (1024, 4, 8, 8), (512, 4, 16, 4)]:
         grid = (sm * per_sm,)
@@ -234,7 +222,7 @@ def read_floor_rows(nf4, words: torch.Tensor, sm: int) -> list[dict]:
     return rows
 
 
-def probe(nf4) -> list[dict]:
+def probe(nf4, gemv) -> list[dict]:
     import bitsandbytes as bnb
 
     from qconv.kernels import nf4_dequantize as nd
@@ -272,7 +260,7 @@ def probe(nf4) -> list[dict]:
                              check=f"rel_err={err:.1e}" if err is not None else "not checked"))
             log(f"  {rows[-1]}")
         if (n, k) == SHAPES[0]:
-            rows += [dict(case=case, check="", **r) for r in read_floor_rows(nf4, words, sm)]
+            rows += [dict(case=case, check="", **r) for r in read_floor_rows(nf4, gemv, words, sm)]
     bnb_ms = {r["case"]: r["ms_graph"] for r in rows if r["impl"].startswith("bitsandbytes")}
     for r in rows:
         r["ms_graph"] = round(r["ms_graph"], 5)
@@ -287,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("probe_gemv_smem.py needs a CUDA GPU")
     nf4 = _load("bench_kernels_nf4")
-    rows = probe(nf4)
+    rows = probe(nf4, _load("bench_gemv"))
     print(nf4.format_table(rows, ["case", "impl", "ms_graph", "x_bnb", "check"]))
     env = nf4.environment()
     print(" | ".join(f"{a}: {b}" for a, b in env.items()))
