@@ -68,20 +68,29 @@ def probe_configs(K: int) -> list[dict]:
     return [dict(b, probe=level) for level in (1, 2) for b in base]
 
 
-def sweep(nf4, deadline: float) -> list[dict]:
+def rows_inputs(nf4, n: int, k: int) -> tuple:
+    """A random [n, k] weight quantized by bitsandbytes and what ``gemv_rows`` takes for it:
+    ``(packed, quant_state, fields, words, state, planes, w_ref)``, ``w_ref`` the float64 dequantized weight."""
     from qconv.kernels import nf4_dequantize as nd
+    from qconv.kernels import nf4_gemv as ng
+
+    packed, qs = nf4._quantized(n, k, "cuda")
+    f = nd._state_fields(qs)
+    words = nd._packed_bytes(packed, f["numel"]).view(torch.int32)
+    state = nd.state_tensors(qs, f, packed.device, False)
+    planes = ng.code_planes(qs.code)
+    w_ref = nd.dequantize_nf4_reference(packed, qs, torch.float32).double()
+    return packed, qs, f, words, state, planes, w_ref
+
+
+def sweep(nf4, deadline: float) -> list[dict]:
     from qconv.kernels import nf4_gemv as ng
 
     rows = []
     sm = torch.cuda.get_device_properties(0).multi_processor_count
     for case in SWEEP_SHAPES:
         n, k = SHAPES[case]
-        packed, qs = nf4._quantized(n, k, "cuda")
-        f = nd._state_fields(qs)
-        words = nd._packed_bytes(packed, f["numel"]).view(torch.int32)
-        state = nd.state_tensors(qs, f, packed.device, False)
-        planes = ng.code_planes(qs.code)
-        w_ref = nd.dequantize_nf4_reference(packed, qs, torch.float32).double()
+        packed, qs, f, words, state, planes, w_ref = rows_inputs(nf4, n, k)
         for dtype in (torch.bfloat16, torch.float16):
             x = torch.randn(k, device="cuda", dtype=dtype)
             ref = x.double() @ w_ref.t()

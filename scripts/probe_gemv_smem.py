@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -35,10 +34,6 @@ SHAPES = [(14336, 4096), (4096, 14336), (4096, 4096), (1024, 4096)]
 SMEM_CONFIGS = {4096: [(4, 2, 4, 2), (8, 2, 4, 2), (4, 1, 4, 4), (4, 2, 4, 3), (4, 1, 4, 4, False),
                        (4, 2, 4, 2, False)],
                 14336: [(2, 1, 8, 2), (1, 1, 8, 2), (2, 2, 8, 1), (2, 1, 8, 2, False)]}
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def _load(name: str):
@@ -225,7 +220,6 @@ def read_floor_rows(nf4, gemv, words: torch.Tensor, sm: int) -> list[dict]:
 def probe(nf4, gemv) -> list[dict]:
     import bitsandbytes as bnb
 
-    from qconv.kernels import nf4_dequantize as nd
     from qconv.kernels import nf4_gemv as ng
 
     kernel = build_kernel()
@@ -233,16 +227,12 @@ def probe(nf4, gemv) -> list[dict]:
     rows = []
     for n, k in SHAPES:
         case = f"{n}x{k}"
-        packed, qs = nf4._quantized(n, k, "cuda")
-        f = nd._state_fields(qs)
-        words = nd._packed_bytes(packed, f["numel"]).view(torch.int32)
-        state = nd.state_tensors(qs, f, packed.device, False)
-        planes = ng.code_planes(qs.code)
+        packed, qs, f, words, state, planes, w_ref = gemv.rows_inputs(nf4, n, k)
         x = torch.randn(k, device="cuda", dtype=torch.bfloat16)
-        ref = x.double() @ nd.dequantize_nf4_reference(packed, qs, torch.float32).double().t()
+        ref = x.double() @ w_ref.t()
         out = torch.empty(n, device="cuda", dtype=torch.bfloat16)
         cands = [("rows kernel (production)", lambda: ng.gemv_rows(x, words, state, planes, f, None, out, sm), True),
-                 ("bitsandbytes matmul_4bit", lambda: bnb.matmul_4bit(x[None], packed.t(), qs)[0], True)]
+                 ("bitsandbytes", lambda: bnb.matmul_4bit(x[None], packed.t(), qs)[0], True)]
         for cfg in SMEM_CONFIGS[14336 if k > 4096 else 4096]:
             fill = cfg[4] if len(cfg) > 4 else True
             label = "smem table {}x{} warps, {} rows, {}/SM{}".format(cfg[1], cfg[2], cfg[0], cfg[3],
@@ -250,22 +240,19 @@ def probe(nf4, gemv) -> list[dict]:
             try:
                 cands.append((label, smem_launcher(kernel, x, words, state, f, out, sm, *cfg), fill))
             except Exception as exc:  # a config that does not compile is reported, not fatal
-                log(f"  {case} {label}: failed: {type(exc).__name__}: {str(exc)[:200]}")
+                gemv.log(f"  {case} {label}: failed: {type(exc).__name__}: {str(exc)[:200]}")
         for label, fn, check in cands:
             err = nf4._rel_err(fn(), ref) if check else None
             if check and not err < 5e-3:
-                log(f"  {case} {label}: WRONG (rel_err {err}), skipped")
+                gemv.log(f"  {case} {label}: WRONG (rel_err {err}), skipped")
                 continue
-            rows.append(dict(case=case, impl=label, ms_graph=nf4._graph_bench(fn),
+            rows.append(dict(section="probe", case=case, impl=label, ms_graph=round(nf4._graph_bench(fn), 5),
                              check=f"rel_err={err:.1e}" if err is not None else "not checked"))
-            log(f"  {rows[-1]}")
+            gemv.log(f"  {rows[-1]}")
         if (n, k) == SHAPES[0]:
-            rows += [dict(case=case, check="", **r) for r in read_floor_rows(nf4, gemv, words, sm)]
-    bnb_ms = {r["case"]: r["ms_graph"] for r in rows if r["impl"].startswith("bitsandbytes")}
-    for r in rows:
-        r["ms_graph"] = round(r["ms_graph"], 5)
-        r["x_bnb"] = round(bnb_ms[r["case"]] / r["ms_graph"], 2)
-    return rows
+            rows += [dict(section="probe", case=case, check="", impl=r["impl"], ms_graph=round(r["ms_graph"], 5))
+                     for r in read_floor_rows(nf4, gemv, words, sm)]
+    return nf4._with_ratios(rows)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -276,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("probe_gemv_smem.py needs a CUDA GPU")
     nf4 = _load("bench_kernels_nf4")
     rows = probe(nf4, _load("bench_gemv"))
-    print(nf4.format_table(rows, ["case", "impl", "ms_graph", "x_bnb", "check"]))
+    print(nf4.format_table(rows, ["case", "impl", "ms_graph", "speedup_vs_bnb_graph", "check"]))
     env = nf4.environment()
     print(" | ".join(f"{a}: {b}" for a, b in env.items()))
     if args.json:
