@@ -34,7 +34,7 @@ benchmark probe of what the loads and reductions alone cost) exist for ``scripts
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -95,6 +95,26 @@ def _lookup_asm() -> str:
     return "{\n" + "\n".join(lines) + "\n}"
 
 
+#: PTX lines: the four per-word ``f16x2`` accumulators ``acc0..acc3`` summed pairwise into ``$0`` (float32).
+_CHUNK_SUM_LINES = ["add.rn.f16x2 acc0, acc0, acc1;", "add.rn.f16x2 acc2, acc2, acc3;",
+                    "add.rn.f16x2 acc0, acc0, acc2;", "mov.b32 {lo, hi}, acc0;", "cvt.f32.f16 flo, lo;",
+                    "cvt.f32.f16 fhi, hi;", "add.f32 $0, flo, fhi;"]
+_CHUNK_REGS = [_LOOKUP_REGS, ".reg .b32 acc0, acc1, acc2, acc3;", ".reg .b16 lo, hi;", ".reg .f32 flo, fhi;"]
+
+
+def _chunk_dot_lines(words: tuple[str, ...], low: tuple[str, ...], high: tuple[str, ...],
+                     x: Callable[[int, int], str]) -> list[str]:
+    """PTX lines (registers declared, see ``_CHUNK_REGS``): the float16-pair dot of the 4 ``words`` with x into
+    ``$0``. ``x(i, j)``: the register of x pair j (elements 2j | 2j+1 << 16) of word i; ``low``/``high``: the
+    code planes (see ``_lookup_lines``)."""
+    lines = list(_CHUNK_REGS)
+    for i, word in enumerate(words):
+        lines += _lookup_lines(word, low, high)
+        lines.append(f"mul.rn.f16x2 acc{i}, p0, {x(i, 0)};")
+        lines += [f"fma.rn.f16x2 acc{i}, p{j}, {x(i, j)}, acc{i};" for j in range(1, 4)]
+    return lines + _CHUNK_SUM_LINES
+
+
 def _chunk_dot_asm() -> str:
     """PTX: the dot product of one 16-byte chunk (4 words, 32 values) with x, in float16 pairs.
 
@@ -104,13 +124,8 @@ def _chunk_dot_asm() -> str:
     float32 sum of the two halves. x must be scaled so that 32 products cannot overflow float16 (the
     kernel brings max |x| into [2^9, 2^10)).
     """
-    lines = [_LOOKUP_REGS, ".reg .b32 acc0, acc1, acc2, acc3;", ".reg .b16 lo, hi;", ".reg .f32 flo, fhi;"]
-    for i in range(4):
-        lines += _lookup_lines(f"${1 + i}", ("$5", "$6", "$7", "$8"), ("$9", "$10", "$11", "$12"))
-        lines.append(f"mul.rn.f16x2 acc{i}, p0, ${13 + 4 * i};")
-        lines += [f"fma.rn.f16x2 acc{i}, p{j}, ${13 + 4 * i + j}, acc{i};" for j in range(1, 4)]
-    lines += ["add.rn.f16x2 acc0, acc0, acc1;", "add.rn.f16x2 acc2, acc2, acc3;", "add.rn.f16x2 acc0, acc0, acc2;",
-              "mov.b32 {lo, hi}, acc0;", "cvt.f32.f16 flo, lo;", "cvt.f32.f16 fhi, hi;", "add.f32 $0, flo, fhi;"]
+    lines = _chunk_dot_lines(("$1", "$2", "$3", "$4"), ("$5", "$6", "$7", "$8"), ("$9", "$10", "$11", "$12"),
+                             lambda i, j: f"${13 + 4 * i + j}")
     return "{\n" + "\n".join(lines) + "\n}"
 
 

@@ -22,25 +22,20 @@ results and conclusions are in docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).parent
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_gemv  # noqa: E402  (the sibling script: its loader, inputs, read floor and logger)
+
 SHAPES = [(14336, 4096), (4096, 14336), (4096, 4096), (1024, 4096)]
 #: (rows per step, warps along rows, warps along chunks, programs per SM[, fill])
 SMEM_CONFIGS = {4096: [(4, 2, 4, 2), (8, 2, 4, 2), (4, 1, 4, 4), (4, 2, 4, 3), (4, 1, 4, 4, False),
                        (4, 2, 4, 2, False)],
                 14336: [(2, 1, 8, 2), (1, 1, 8, 2), (2, 2, 8, 1), (2, 1, 8, 2, False)]}
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _chunk_asm() -> str:
@@ -50,6 +45,8 @@ def _chunk_asm() -> str:
     (lane * 4). Out: ``$0`` the float32 chunk sum, ``$1..$3`` zero. Byte k of a word holds elements 2k
     (high nibble) and 2k+1 (low nibble); its table entry is at ``global_smem + 128 * byte + lane * 4``.
     """
+    from qconv.kernels import nf4_gemv as ng
+
     lines = [".reg .b32 t, a, v, g, acc0, acc1, acc2, acc3;", ".reg .b16 lo, hi;", ".reg .f32 flo, fhi;",
              "mov.u32 g, global_smem;", "add.u32 g, g, $24;"]
     for i in range(4):
@@ -57,9 +54,7 @@ def _chunk_asm() -> str:
             lines += [f"prmt.b32 t, ${4 + i}, 0, {0x4440 + k};", "mad.lo.u32 a, t, 128, g;", "ld.shared.b32 v, [a];"]
             lines.append(f"mul.rn.f16x2 acc{i}, v, ${8 + 4 * k + i};" if k == 0
                          else f"fma.rn.f16x2 acc{i}, v, ${8 + 4 * k + i}, acc{i};")
-    lines += ["add.rn.f16x2 acc0, acc0, acc1;", "add.rn.f16x2 acc2, acc2, acc3;", "add.rn.f16x2 acc0, acc0, acc2;",
-              "mov.b32 {lo, hi}, acc0;", "cvt.f32.f16 flo, lo;", "cvt.f32.f16 fhi, hi;", "add.f32 $0, flo, fhi;",
-              "mov.f32 $1, 0f00000000;", "mov.f32 $2, 0f00000000;", "mov.f32 $3, 0f00000000;"]
+    lines += ng._CHUNK_SUM_LINES + ["mov.f32 $1, 0f00000000;", "mov.f32 $2, 0f00000000;", "mov.f32 $3, 0f00000000;"]
     return "{\n" + "\n".join(lines) + "\n}"
 
 
@@ -261,8 +256,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("probe_gemv_smem.py needs a CUDA GPU")
-    nf4 = _load("bench_kernels_nf4")
-    rows = probe(nf4, _load("bench_gemv"))
+    nf4 = bench_gemv._load("bench_kernels_nf4")
+    rows = probe(nf4, bench_gemv)
     print(nf4.format_table(rows, ["case", "impl", "ms_graph", "speedup_vs_bnb_graph", "check"]))
     env = nf4.environment()
     print(" | ".join(f"{a}: {b}" for a, b in env.items()))

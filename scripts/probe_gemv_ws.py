@@ -21,26 +21,21 @@ conclusions are in docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).parent
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_gemv  # noqa: E402  (the sibling script: its loader, inputs, read floor and logger)
+
 SHAPES = [(14336, 4096), (4096, 14336), (4096, 4096), (1024, 4096)]
 #: (rows per tile BN, ring stages, consumer warps, programs per SM, maxnreg); the first three for the small shapes
 CONFIGS = [(16, 3, 4, 1, 128), (8, 3, 4, 2, 128), (8, 2, 4, 2, 128), (16, 3, 4, 2, 128), (8, 4, 4, 2, 128),
            (8, 3, 4, 3, 80), (16, 3, 8, 1, 168), (8, 6, 4, 2, 128), (32, 3, 4, 1, 128)]
 #: (label, float32 absmax, fence before release)
 VARIANTS = [("nested", False, True), ("nested, no fence", False, False), ("float32 absmax, no fence", True, False)]
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _chunk_asm() -> str:
@@ -51,15 +46,9 @@ def _chunk_asm() -> str:
     """
     from qconv.kernels import nf4_gemv as ng
 
-    lines = [ng._LOOKUP_REGS, ".reg .b32 acc0, acc1, acc2, acc3;", ".reg .b16 lo, hi;", ".reg .f32 flo, fhi;"]
-    low, high = ("$8", "$12", "$16", "$20"), ("$24", "$28", "$32", "$36")
-    for i in range(4):
-        lines += ng._lookup_lines(f"${4 + i}", low, high)
-        lines.append(f"mul.rn.f16x2 acc{i}, p0, ${40 + i};")
-        lines += [f"fma.rn.f16x2 acc{i}, p{j}, ${40 + 4 * j + i}, acc{i};" for j in range(1, 4)]
-    lines += ["add.rn.f16x2 acc0, acc0, acc1;", "add.rn.f16x2 acc2, acc2, acc3;", "add.rn.f16x2 acc0, acc0, acc2;",
-              "mov.b32 {lo, hi}, acc0;", "cvt.f32.f16 flo, lo;", "cvt.f32.f16 fhi, hi;", "add.f32 $0, flo, fhi;",
-              "mov.f32 $1, 0f00000000;", "mov.f32 $2, 0f00000000;", "mov.f32 $3, 0f00000000;"]
+    lines = ng._chunk_dot_lines(("$4", "$5", "$6", "$7"), ("$8", "$12", "$16", "$20"), ("$24", "$28", "$32", "$36"),
+                                lambda i, j: f"${40 + 4 * j + i}")
+    lines += ["mov.f32 $1, 0f00000000;", "mov.f32 $2, 0f00000000;", "mov.f32 $3, 0f00000000;"]
     return "{\n" + "\n".join(lines) + "\n}"
 
 
@@ -280,8 +269,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("probe_gemv_ws.py needs a CUDA GPU")
-    nf4 = _load("bench_kernels_nf4")
-    rows = probe(nf4, _load("bench_gemv"))
+    nf4 = bench_gemv._load("bench_kernels_nf4")
+    rows = probe(nf4, bench_gemv)
     best = {}
     for r in rows:
         if r["impl"].startswith("ws ") and (r["case"] not in best or r["ms_graph"] < best[r["case"]]["ms_graph"]):
