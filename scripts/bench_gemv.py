@@ -83,6 +83,22 @@ def rows_inputs(nf4, n: int, k: int) -> tuple:
     return packed, qs, f, words, state, planes, w_ref
 
 
+def probe_case(nf4, n: int, k: int, sm: int) -> tuple:
+    """One shape for the probe scripts: ``(fields, words, state, planes, x, ref, out, baselines)``: what
+    ``gemv_rows`` takes for a random [n, k] NF4 weight, a random bf16 x [k], the float64 reference, an output
+    buffer, and ``baselines`` = [(label, callable)] for the production rows kernel and bitsandbytes."""
+    import bitsandbytes as bnb
+
+    from qconv.kernels import nf4_gemv as ng
+
+    packed, qs, f, words, state, planes, w_ref = rows_inputs(nf4, n, k)
+    x = torch.randn(k, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(n, device="cuda", dtype=torch.bfloat16)
+    baselines = [("rows kernel (production)", lambda: ng.gemv_rows(x, words, state, planes, f, None, out, sm)),
+                 ("bitsandbytes", lambda: bnb.matmul_4bit(x[None], packed.t(), qs)[0])]
+    return f, words, state, planes, x, x.double() @ w_ref.t(), out, baselines
+
+
 def sweep(nf4, deadline: float) -> list[dict]:
     from qconv.kernels import nf4_gemv as ng
 

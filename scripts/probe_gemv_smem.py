@@ -213,21 +213,13 @@ def read_floor_rows(nf4, gemv, words: torch.Tensor, sm: int) -> list[dict]:
 
 
 def probe(nf4, gemv) -> list[dict]:
-    import bitsandbytes as bnb
-
-    from qconv.kernels import nf4_gemv as ng
-
     kernel = build_kernel()
     sm = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
     for n, k in SHAPES:
         case = f"{n}x{k}"
-        packed, qs, f, words, state, planes, w_ref = gemv.rows_inputs(nf4, n, k)
-        x = torch.randn(k, device="cuda", dtype=torch.bfloat16)
-        ref = x.double() @ w_ref.t()
-        out = torch.empty(n, device="cuda", dtype=torch.bfloat16)
-        cands = [("rows kernel (production)", lambda: ng.gemv_rows(x, words, state, planes, f, None, out, sm), True),
-                 ("bitsandbytes", lambda: bnb.matmul_4bit(x[None], packed.t(), qs)[0], True)]
+        f, words, state, planes, x, ref, out, baselines = gemv.probe_case(nf4, n, k, sm)
+        cands = [(label, fn, True) for label, fn in baselines]
         for cfg in SMEM_CONFIGS[14336 if k > 4096 else 4096]:
             fill = cfg[4] if len(cfg) > 4 else True
             label = "smem table {}x{} warps, {} rows, {}/SM{}".format(cfg[1], cfg[2], cfg[0], cfg[3],

@@ -220,8 +220,6 @@ def ws_launcher(kernel, x, words, state, planes, f, out, sm, bn, stages, warps, 
 
 
 def probe(nf4, gemv) -> list[dict]:
-    import bitsandbytes as bnb
-
     from qconv.kernels import nf4_gemv as ng
 
     kernel = build_kernel()
@@ -229,17 +227,13 @@ def probe(nf4, gemv) -> list[dict]:
     rows = []
     for n, k in SHAPES:
         case = f"{n}x{k}"
-        packed, qs, f, words, state, planes, w_ref = gemv.rows_inputs(nf4, n, k)
+        f, words, state, planes, x, ref, out, cands = gemv.probe_case(nf4, n, k, sm)
         absmax, code, nested_code, nested_absmax, offset, nested_bs = state
         blk = torch.arange(absmax.numel(), device="cuda")
         absf = (nested_code[absmax.view(torch.uint8).long()] * nested_absmax[blk // nested_bs] + offset).contiguous()
         state_f, f_f = (absf, code, absf, absf, absf, 1), dict(f, nested=False)
-        x = torch.randn(k, device="cuda", dtype=torch.bfloat16)
-        ref = x.double() @ w_ref.t()
-        out = torch.empty(n, device="cuda", dtype=torch.bfloat16)
-        cands = [("rows kernel (production)", lambda: ng.gemv_rows(x, words, state, planes, f, None, out, sm)),
-                 ("rows kernel, float32 absmax", lambda: ng.gemv_rows(x, words, state_f, planes, f_f, None, out, sm)),
-                 ("bitsandbytes", lambda: bnb.matmul_4bit(x[None], packed.t(), qs)[0])]
+        cands.append(("rows kernel, float32 absmax",
+                      lambda: ng.gemv_rows(x, words, state_f, planes, f_f, None, out, sm)))
         for bn, stages, warps, per_sm, maxnreg in CONFIGS[:3] if n < 14336 and k == 4096 else CONFIGS:
             for name, use_f, fence in VARIANTS:
                 label = f"ws {name}: {bn} rows x {stages} stages, {warps}+1 warps, {per_sm}/SM, maxnreg {maxnreg}"
